@@ -1,0 +1,13 @@
+"""scgeneformer: Geneformer on AnnData.
+
+Rank-value tokenization (:mod:`scgeneformer.pp`), the Geneformer encoder
+(:class:`~scgeneformer.Geneformer`), tools (:mod:`scgeneformer.tl`), plots
+(:mod:`scgeneformer.pl`) and example data (:mod:`scgeneformer.datasets`).
+"""
+
+from . import datasets, pl, pp, tl
+from ._settings import settings
+from ._version import __version__
+from .vocab import Vocabulary
+
+__all__ = ["Vocabulary", "__version__", "datasets", "pl", "pp", "settings", "tl"]

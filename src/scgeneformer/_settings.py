@@ -1,0 +1,73 @@
+"""Package-wide settings: device, dtype, batch token budget, seed, workers, progress bars."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Settings:
+    """Defaults that calls use when they are not given explicitly.
+
+    Attributes
+    ----------
+    device
+        ``"auto"`` (CUDA when present, else CPU) or any torch device string.
+    dtype
+        ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"`` or
+        ``"float16"``.
+    token_budget
+        Tokens per batch when cells are packed for the model.
+    seed
+        Default random seed.
+    n_jobs
+        Worker threads for tokenization (default: all cores).
+    progress
+        Whether to show tqdm progress bars.
+
+    Examples
+    --------
+    >>> import scgeneformer as sgf
+    >>> sgf.settings.token_budget = 32_768
+    >>> sgf.settings.resolve_device().type in {"cpu", "cuda"}
+    True
+    """
+
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    token_budget: int = 65_536
+    seed: int = 0
+    n_jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    progress: bool = True
+
+    def resolve_device(self, device: str | torch.device | None = None) -> torch.device:
+        """Turn ``device`` (or the setting) into a concrete :class:`torch.device`."""
+        choice = self.device if device is None else device
+        if isinstance(choice, torch.device):
+            return choice
+        if choice == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(choice)
+
+    def resolve_dtype(
+        self, dtype: str | torch.dtype | None = None, device: torch.device | None = None
+    ) -> torch.dtype:
+        """Turn ``dtype`` (or the setting) into a :class:`torch.dtype` for ``device``."""
+        choice = self.dtype if dtype is None else dtype
+        if isinstance(choice, torch.dtype):
+            return choice
+        if choice == "auto":
+            on_cuda = (device or self.resolve_device()).type == "cuda"
+            return torch.bfloat16 if on_cuda else torch.float32
+        if choice not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {choice!r}.")
+        return _DTYPES[choice]
+
+
+settings = Settings()

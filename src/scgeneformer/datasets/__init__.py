@@ -1,0 +1,3 @@
+"""Example data sets."""
+
+__all__: list[str] = []

@@ -1,0 +1,55 @@
+"""Reading a count matrix in CSR row chunks, in memory or backed, without densifying it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+
+@dataclass(frozen=True)
+class CountSource:
+    """Where the counts of an AnnData live: ``X`` or a layer, in memory or backed."""
+
+    matrix: object
+    label: str
+
+    @property
+    def n_rows(self) -> int:
+        """Number of cells."""
+        return int(self.matrix.shape[0])
+
+
+def count_source(adata: AnnData, layer: str | None) -> CountSource:
+    """Pick ``adata.X`` or ``adata.layers[layer]``, with an error naming the layers present."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is empty; pass layer= to name the layer that holds counts.")
+        return CountSource(adata.X, "adata.X")
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer={layer!r} is not in adata.layers; the layers are {list(adata.layers)}. "
+            "Leave layer=None to use adata.X."
+        )
+    return CountSource(adata.layers[layer], f"adata.layers[{layer!r}]")
+
+
+def iter_csr_chunks(source: CountSource, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """Yield ``(first_row, chunk)`` with each chunk a CSR matrix of up to ``chunk_size`` rows.
+
+    Dense, CSR and CSC matrices, anndata's backed sparse datasets and h5py dense datasets
+    are all read one row slice at a time, so a backed matrix is never loaded whole.
+    """
+    matrix = source.matrix
+    for start in range(0, source.n_rows, chunk_size):
+        stop = min(start + chunk_size, source.n_rows)
+        block = matrix[start:stop]
+        if sp.issparse(block):
+            chunk = sp.csr_matrix(block)
+        else:
+            chunk = sp.csr_matrix(np.asarray(block))
+        chunk.sum_duplicates()
+        yield start, chunk

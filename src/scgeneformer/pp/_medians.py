@@ -1,0 +1,159 @@
+"""Exact non-zero medians of CP10k-normalised counts over a corpus that need not fit in memory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+from tqdm.auto import tqdm
+
+from .._genes import gene_names, normalize_gene_id
+from .._settings import settings
+from ._chunks import count_source, iter_csr_chunks
+from ._rank_kernel import TARGET_SUM, row_totals_checked
+
+CorpusItem = AnnData | str | os.PathLike
+
+
+def _as_items(data: CorpusItem | Iterable[CorpusItem]) -> list[CorpusItem]:
+    if isinstance(data, AnnData | str | os.PathLike):
+        return [data]
+    items = list(data)
+    if not items:
+        raise ValueError("The corpus is empty: give at least one AnnData or h5ad path.")
+    return items
+
+
+@contextmanager
+def open_corpus_item(item: CorpusItem) -> Iterator[AnnData]:
+    """Yield an AnnData for ``item``; an h5ad path is opened backed and closed afterwards."""
+    if isinstance(item, AnnData):
+        yield item
+        return
+    path = Path(item)
+    if not path.is_file():
+        raise FileNotFoundError(f"Corpus file {str(path)!r} does not exist.")
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        yield adata
+    finally:
+        adata.file.close()
+
+
+def _column_genes(
+    adata: AnnData, gene_key: str | None, mapping: Mapping[str, str] | None, index: dict[str, int]
+) -> np.ndarray:
+    """Global gene index of each column, adding genes not seen before to ``index``."""
+    lookup = {} if mapping is None else {normalize_gene_id(k): v for k, v in mapping.items()}
+    out = np.empty(adata.n_vars, dtype=np.int64)
+    for j, name in enumerate(gene_names(adata, gene_key)):
+        key = normalize_gene_id(name)
+        gene = normalize_gene_id(lookup.get(key, key))
+        out[j] = index.setdefault(gene, len(index))
+    return out
+
+
+def _collapse(column_gene: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+    """0/1 matrix summing the columns of each gene, and the global gene of each slot."""
+    genes, slot = np.unique(column_gene, return_inverse=True)
+    matrix = sp.csr_matrix(
+        (np.ones(len(column_gene)), (np.arange(len(column_gene)), slot)),
+        shape=(len(column_gene), len(genes)),
+    )
+    return matrix, genes
+
+
+def _cp10k_entries(chunk: sp.csr_matrix, collapse: sp.csr_matrix, item_label: str):
+    """Non-zero CP10k values of a chunk with the slot each belongs to."""
+    totals, bad_code, bad_value = row_totals_checked(chunk.indptr, chunk.data)
+    if bad_code.any():
+        row = int(np.flatnonzero(bad_code)[0])
+        raise ValueError(
+            f"{item_label} holds {float(bad_value[row])!r}: Vocabulary.build needs raw counts "
+            "(finite, non-negative integers); pass layer= if they are in a layer."
+        )
+    summed = (chunk @ collapse).tocsr()
+    summed.eliminate_zeros()
+    row_total = np.repeat(totals, np.diff(summed.indptr))
+    return summed.indices, (summed.data.astype(np.float64) / row_total) * TARGET_SUM
+
+
+def corpus_nonzero_medians(
+    data: CorpusItem | Iterable[CorpusItem],
+    *,
+    layer: str | None,
+    gene_key: str | None,
+    mapping: Mapping[str, str] | None,
+    min_cells: int,
+    chunk_size: int,
+    tmp_dir: str | os.PathLike | None,
+) -> tuple[list[str], np.ndarray]:
+    """Genes expressed in at least ``min_cells`` cells, sorted by ID, and their exact medians.
+
+    A gene's median is ``numpy.median`` of its non-zero values of ``count / total * 10,000``
+    over all cells. Three streamed passes: count each gene's non-zero cells; write the values
+    into a memory-mapped file, gene by gene; take each gene's median from its stretch.
+    """
+    items = _as_items(data)
+    if min_cells < 1:
+        raise ValueError(f"min_cells must be at least 1, got {min_cells}.")
+    index: dict[str, int] = {}
+    plans = []
+    for item in items:
+        with open_corpus_item(item) as adata:
+            plans.append(_collapse(_column_genes(adata, gene_key, mapping, index)))
+            count_source(adata, layer)  # fail early on a missing layer
+    labels = [
+        f"Corpus item {i} ({'an AnnData' if isinstance(item, AnnData) else str(item)!r})"
+        for i, item in enumerate(items)
+    ]
+
+    def passes(desc: str):
+        for item, (collapse, slot_gene), label in zip(items, plans, labels, strict=True):
+            with open_corpus_item(item) as adata:
+                source = count_source(adata, layer)
+                bar = tqdm(
+                    total=source.n_rows, desc=desc, unit="cells", disable=not settings.progress
+                )
+                with bar:
+                    for _, chunk in iter_csr_chunks(source, chunk_size):
+                        slots, values = _cp10k_entries(chunk, collapse, label)
+                        yield slot_gene[slots], values
+                        bar.update(chunk.shape[0])
+
+    n_nonzero = np.zeros(len(index), dtype=np.int64)
+    for genes, _ in passes("Vocabulary.build: counting"):
+        n_nonzero += np.bincount(genes, minlength=len(index))
+    if n_nonzero.sum() == 0:
+        raise ValueError("The corpus holds no non-zero counts.")
+
+    starts = np.concatenate([[0], np.cumsum(n_nonzero)[:-1]])
+    with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="sgf_medians_") as folder:
+        spill = np.lib.format.open_memmap(
+            Path(folder) / "values.npy", mode="w+", dtype=np.float64, shape=(int(n_nonzero.sum()),)
+        )
+        cursor = starts.copy()
+        for genes, values in passes("Vocabulary.build: collecting"):
+            order = np.argsort(genes, kind="stable")
+            sorted_genes = genes[order]
+            group_start = np.searchsorted(sorted_genes, sorted_genes, side="left")
+            spill[cursor[sorted_genes] + np.arange(len(order)) - group_start] = values[order]
+            cursor += np.bincount(genes, minlength=len(index))
+        names = np.array(list(index), dtype=object)
+        keep = np.flatnonzero(n_nonzero >= min_cells)
+        keep = keep[np.argsort(names[keep])]
+        medians = np.array(
+            [np.median(spill[starts[g] : starts[g] + n_nonzero[g]]) for g in keep],
+            dtype=np.float64,
+        )
+        del spill
+    if len(keep) == 0:
+        raise ValueError(f"No gene is expressed in at least min_cells={min_cells} cells.")
+    return names[keep].tolist(), medians
