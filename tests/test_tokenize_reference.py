@@ -64,9 +64,7 @@ def test_pbmc3k_matches_reference(version, pbmc3k, vocab_v1, vocab_v2):
         else:
             out = sgf.pp.rank_tokenize(pbmc3k, vocab, max_length=max_length, copy=True)
         max_genes = max_length - (2 if vocab.has_cls else 0)
-        expected, _, col_token = reference_tokens(
-            pbmc3k, tokens, medians, mapping, max_genes
-        )
+        expected, _, col_token = reference_tokens(pbmc3k, tokens, medians, mapping, max_genes)
         got = out.obsm["geneformer_tokens"]
         n_tokens = out.obs["geneformer_n_tokens"].to_numpy()
         assert got.shape[1] <= max_length
