@@ -1,3 +1,5 @@
 """Example data sets."""
 
-__all__: list[str] = []
+from ._synthetic import synthetic_states
+
+__all__ = ["synthetic_states"]

@@ -48,43 +48,29 @@ def row_totals_checked(indptr, data):  # pragma: no cover - compiled
     return totals, bad_code, bad_value
 
 
-@numba.njit(cache=True, inline="always")
-def _before(values, tokens, a, b):  # pragma: no cover - compiled
-    """Whether entry a ranks before entry b: higher value first, then smaller token id."""
-    return values[a] > values[b] or (values[a] == values[b] and tokens[a] < tokens[b])
-
-
 @numba.njit(cache=True)
-def _rank_order(values, tokens, order, scratch):  # pragma: no cover - compiled
-    """Stable bottom-up merge sort of ``order`` (entry indices) by rank; O(n log n)."""
+def _rank_order(neg_values, tokens):  # pragma: no cover - compiled
+    """Entry indices by rank: value descending (``neg_values`` ascending), then token id.
+
+    Sorts by value first, then puts each run of exactly equal values in token order; runs
+    are short, so insertion sort is the cheap choice there.
+    """
+    order = np.argsort(neg_values)
     n = order.shape[0]
-    src, dst = order, scratch
-    width = 1
-    while width < n:
-        for lo in range(0, n, 2 * width):
-            mid = min(lo + width, n)
-            hi = min(lo + 2 * width, n)
-            i, j, k = lo, mid, lo
-            while i < mid and j < hi:
-                if _before(values, tokens, src[j], src[i]):
-                    dst[k] = src[j]
-                    j += 1
-                else:
-                    dst[k] = src[i]
-                    i += 1
-                k += 1
-            while i < mid:
-                dst[k] = src[i]
-                i += 1
-                k += 1
-            while j < hi:
-                dst[k] = src[j]
-                j += 1
-                k += 1
-        src, dst = dst, src
-        width *= 2
-    if src is not order:
-        order[:] = src
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and neg_values[order[j]] == neg_values[order[i]]:
+            j += 1
+        for p in range(i + 1, j):
+            entry = order[p]
+            q = p - 1
+            while q >= i and tokens[order[q]] > tokens[entry]:
+                order[q + 1] = order[q]
+                q -= 1
+            order[q + 1] = entry
+        i = j
+    return order
 
 
 @numba.njit(parallel=True, cache=True)
@@ -116,19 +102,29 @@ def rank_rows(
         if n_out == 0:
             continue
         start, stop = indptr[r], indptr[r + 1]
-        values = np.empty(stop - start, dtype=np.float64)
+        neg_values = np.empty(stop - start, dtype=np.float64)
         tokens = np.empty(stop - start, dtype=np.int64)
         n = 0
         for k in range(start, stop):
             token = col_token[indices[k]]
             if data[k] > 0 and token >= 0:
-                values[n] = ((np.float64(data[k]) / totals[r]) * TARGET_SUM) / col_median[
-                    indices[k]
-                ]
+                value = ((np.float64(data[k]) / totals[r]) * TARGET_SUM) / col_median[indices[k]]
+                neg_values[n] = -value
                 tokens[n] = token
                 n += 1
-        order = np.arange(n)
-        _rank_order(values, tokens, order, np.empty(n, dtype=np.int64))
+        order = _rank_order(neg_values[:n], tokens[:n])
         base = offsets[r]
         for i in range(n_out):
             out[base + i] = tokens[order[i]]
+
+
+@numba.njit(parallel=True, cache=True)
+def fill_padded(flat, offsets, out, first_row, lead):  # pragma: no cover - compiled
+    """Copy each cell's tokens from ``flat`` into its row of ``out``.
+
+    Cell i's tokens ``flat[offsets[i]:offsets[i + 1]]`` go to row ``first_row + i``, from
+    column ``lead`` on (1 leaves room for ``<cls>``).
+    """
+    for i in numba.prange(offsets.shape[0] - 1):
+        for k in range(offsets[i], offsets[i + 1]):
+            out[first_row + i, lead + k - offsets[i]] = flat[k]

@@ -23,6 +23,7 @@ from ._rank_kernel import (
     BAD_NEGATIVE,
     BAD_NONFINITE,
     count_vocab_genes,
+    fill_padded,
     rank_rows,
     row_totals_checked,
 )
@@ -103,7 +104,7 @@ def rank_chunk(
     )
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    flat = np.empty(offsets[-1], dtype=np.int64)
+    flat = np.empty(offsets[-1], dtype=dtype)
     rank_rows(
         kernel_input.indptr,
         kernel_input.indices,
@@ -114,7 +115,7 @@ def rank_chunk(
         offsets,
         flat,
     )
-    return RankedChunk(offsets, flat.astype(dtype)), bad_code, bad_value
+    return RankedChunk(offsets, flat), bad_code, bad_value
 
 
 def _cell_totals(adata: AnnData, total_key: str | None) -> np.ndarray | None:
@@ -143,14 +144,13 @@ def pad_rows(
     Returns ``(tokens, n_tokens)``.
     """
     n_genes = np.concatenate([c.n_gene_tokens for c in chunks])
-    flat = np.concatenate([c.flat for c in chunks])
-    extra = 2 if vocab.has_cls else 0
-    n_tokens = np.where(n_genes > 0, n_genes + extra, 0)
+    lead = 1 if vocab.has_cls else 0
+    n_tokens = np.where(n_genes > 0, n_genes + 2 * lead, 0)
     tokens = np.zeros((len(n_genes), int(n_tokens.max(initial=0))), dtype=dtype)
-    rows = np.repeat(np.arange(len(n_genes)), n_genes)
-    starts = np.concatenate([[0], np.cumsum(n_genes)[:-1]])
-    cols = np.arange(len(flat)) - np.repeat(starts, n_genes) + (1 if vocab.has_cls else 0)
-    tokens[rows, cols] = flat
+    first_row = 0
+    for chunk in chunks:
+        fill_padded(chunk.flat, chunk.offsets, tokens, first_row, lead)
+        first_row += len(chunk.offsets) - 1
     if vocab.has_cls:
         filled = np.flatnonzero(n_genes)
         tokens[filled, 0] = vocab.cls_id
