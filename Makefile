@@ -37,7 +37,7 @@ docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 bench: $(STAMP)
-	$(BIN)/python bench/tokenize.py
+	$(BIN)/python bench/bench_tokenize.py
 
 clean:
 	rm -rf $(VENV) demo_out docs/_build

@@ -44,6 +44,17 @@ def iter_csr_chunks(source: CountSource, chunk_size: int) -> Iterator[tuple[int,
     are all read one row slice at a time, so a backed matrix is never loaded whole.
     """
     matrix = source.matrix
+    if isinstance(matrix, sp.csr_matrix | sp.csr_array) and matrix.has_canonical_format:
+        # Row slices of an in-memory CSR are views of its arrays: no copy, no validation.
+        for start in range(0, source.n_rows, chunk_size):
+            stop = min(start + chunk_size, source.n_rows)
+            lo, hi = matrix.indptr[start], matrix.indptr[stop]
+            chunk = sp.csr_matrix((stop - start, matrix.shape[1]), dtype=matrix.dtype)
+            chunk.indptr = matrix.indptr[start : stop + 1] - lo
+            chunk.indices = matrix.indices[lo:hi]
+            chunk.data = matrix.data[lo:hi]
+            yield start, chunk
+        return
     for start in range(0, source.n_rows, chunk_size):
         stop = min(start + chunk_size, source.n_rows)
         block = matrix[start:stop]

