@@ -8,6 +8,17 @@ Rank-value tokenization (:mod:`scgeneformer.pp`), the Geneformer encoder
 from . import datasets, pl, pp, tl
 from ._settings import settings
 from ._version import __version__
+from .model import Geneformer, GeneformerConfig
 from .vocab import Vocabulary
 
-__all__ = ["Vocabulary", "__version__", "datasets", "pl", "pp", "settings", "tl"]
+__all__ = [
+    "Geneformer",
+    "GeneformerConfig",
+    "Vocabulary",
+    "__version__",
+    "datasets",
+    "pl",
+    "pp",
+    "settings",
+    "tl",
+]

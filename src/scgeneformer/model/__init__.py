@@ -1,0 +1,6 @@
+"""The Geneformer encoder: presets, model, attention paths and HF-layout checkpoints."""
+
+from .config import PRESETS, GeneformerConfig
+from .geneformer import Geneformer
+
+__all__ = ["PRESETS", "Geneformer", "GeneformerConfig"]

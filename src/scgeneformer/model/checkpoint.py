@@ -1,0 +1,247 @@
+"""Reading and writing checkpoints in the Hugging Face folder layout.
+
+A folder holds ``config.json`` (a transformers BERT config), the weights (``model.safetensors``,
+or ``pytorch_model.bin`` read with ``torch.load(weights_only=True)``, possibly sharded with an
+``*.index.json``), the vocabulary (our ``vocab.json``, or Geneformer's pickled dictionaries) and
+our ``scgeneformer.json`` metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..vocab import Vocabulary
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+BIN_NAME = "pytorch_model.bin"
+VOCAB_NAME = "vocab.json"
+METADATA_NAME = "scgeneformer.json"
+METADATA_FORMAT = "scgeneformer-model"
+
+MLM_PREFIX = "cls.predictions."
+# Keys of official checkpoints that carry nothing this encoder uses: non-persistent buffers
+# saved by old transformers, and heads of other tasks (pooler, classifiers, NSP).
+_IGNORED_PREFIXES = (
+    "bert.embeddings.position_ids",
+    "bert.embeddings.token_type_ids",
+    "bert.pooler.",
+    "classifier.",
+    "cls.seq_relationship.",
+    "qa_outputs.",
+)
+# Copies of tied parameters: the decoder weight is the word embedding matrix, and its bias is
+# cls.predictions.bias (transformers ties both the same way when loading).
+_TIED_COPIES = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object, with an error that names the file when it is damaged."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{what} {str(path)!r} is not readable JSON ({err}).") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {str(path)!r} does not hold a JSON object.")
+    return data
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path, device="cpu")
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_checked(path: Path, loader: Callable[[Path], Any]) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file {str(path)!r} is missing; is the download complete?")
+    try:
+        state = loader(path)
+    except Exception as err:  # any reader failure means the same thing to the user
+        raise ValueError(
+            f"Weights file {str(path)!r} is damaged, incomplete or not a plain tensor file "
+            f"({type(err).__name__}: {err}). Download or save the checkpoint again."
+        ) from err
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ValueError(f"Weights file {str(path)!r} does not hold a dict of tensors.")
+    return dict(state)
+
+
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """Load the weights of a checkpoint folder (safetensors preferred), with the file read."""
+    candidates = (
+        (SAFETENSORS_NAME, _load_safetensors),
+        (BIN_NAME, _load_bin),
+    )
+    for name, loader in candidates:
+        single = folder / name
+        if single.is_file():
+            return _load_checked(single, loader), single
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            weight_map = read_json(index, "Weights index").get("weight_map", {})
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                state.update(_load_checked(folder / shard, loader))
+            return state, index
+    present = sorted(p.name for p in folder.iterdir())
+    raise FileNotFoundError(
+        f"No weights in {str(folder)!r}: expected {SAFETENSORS_NAME} or {BIN_NAME} "
+        f"(or a sharded *.index.json); the folder holds {present}."
+    )
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, … ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+def match_state_dict(
+    raw: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], source: str
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Map a checkpoint's tensors onto the model's parameter names.
+
+    Parameters
+    ----------
+    raw
+        The checkpoint's tensors.
+    expected
+        Parameter name to shape of a model *with* an MLM head.
+    source
+        The file, for error messages.
+
+    Returns
+    -------
+    The state dict to load, and whether the checkpoint has an MLM head (fine-tuned
+    classification checkpoints do not).
+    """
+    state = dict(raw)
+    if not any(k.startswith("bert.") for k in state) and any(
+        k.startswith("embeddings.") for k in state
+    ):
+        # A bare BertModel checkpoint names its tensors without the "bert." prefix.
+        state = {f"bert.{k}": v for k, v in state.items()}
+    if MLM_PREFIX + "bias" not in state and _TIED_COPIES[1] in state:
+        state[MLM_PREFIX + "bias"] = state[_TIED_COPIES[1]]
+    state = {
+        k: v
+        for k, v in state.items()
+        if k not in _TIED_COPIES and not k.startswith(_IGNORED_PREFIXES)
+    }
+    has_mlm_head = any(k.startswith(MLM_PREFIX) for k in state)
+    wanted = {k for k in expected if has_mlm_head or not k.startswith(MLM_PREFIX)}
+    missing = sorted(wanted - set(state))
+    unexpected = sorted(set(state) - wanted)
+    problems = []
+    if missing:
+        problems.append(f"missing weights: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected weights: {_listing(unexpected)}")
+    if problems:
+        raise ValueError(
+            f"Checkpoint {source!r} does not match its config.json: {'; '.join(problems)}. "
+            "Is the config the one saved with these weights?"
+        )
+    wrong = [
+        f"{k} {tuple(v.shape)} (config implies {tuple(expected[k])})"
+        for k, v in state.items()
+        if v.shape != expected[k]
+    ]
+    if wrong:
+        raise ValueError(
+            f"Checkpoint {source!r} has tensors of the wrong shape: {_listing(wrong)}."
+        )
+    return state, has_mlm_head
+
+
+def _official_dictionaries(folder: Path) -> list[tuple[Path, Path, Path | None]]:
+    """Pairs of Geneformer token/median pickles with the same suffix, plus a mapping if any."""
+    found = []
+    for token_path in sorted(folder.glob("token_dictionary*.pkl")):
+        suffix = token_path.name[len("token_dictionary") :]
+        median_path = folder / f"gene_median_dictionary{suffix}"
+        mapping_path = folder / f"ensembl_mapping_dict{suffix}"
+        if median_path.is_file():
+            found.append(
+                (token_path, median_path, mapping_path if mapping_path.is_file() else None)
+            )
+    return found
+
+
+def find_vocabulary(folder: Path, vocab_size: int) -> Vocabulary | None:
+    """Read the vocabulary stored beside the weights; None when there is none.
+
+    ``vocab.json`` (ours) comes first; otherwise the official pickles
+    ``token_dictionary*.pkl`` + ``gene_median_dictionary*.pkl`` (+ ``ensembl_mapping_dict*.pkl``).
+    Where several official pairs lie there, the one of ``vocab_size`` tokens is taken.
+    """
+    for name in (VOCAB_NAME, VOCAB_NAME + ".gz"):
+        if (folder / name).is_file():
+            return Vocabulary.load(folder / name)
+    vocabularies = [
+        Vocabulary.from_geneformer(tokens, medians, mapping)
+        for tokens, medians, mapping in _official_dictionaries(folder)
+    ]
+    if len(vocabularies) > 1:
+        vocabularies = [v for v in vocabularies if len(v) == vocab_size] or vocabularies
+    return vocabularies[0] if vocabularies else None
+
+
+def _write_folder_contents(
+    folder: Path,
+    config: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    vocab: Vocabulary,
+    metadata: Mapping[str, Any],
+) -> None:
+    from safetensors.torch import save_file
+
+    save_file(dict(state), folder / SAFETENSORS_NAME, metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    vocab.save(folder / VOCAB_NAME)
+    (folder / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+
+
+def write_checkpoint(
+    folder: str | os.PathLike,
+    config: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    vocab: Vocabulary,
+    metadata: Mapping[str, Any],
+) -> Path:
+    """Write a checkpoint folder so that a reader never sees a partial one.
+
+    Everything is written into a temporary folder beside the target first. A new target is
+    then created by one rename. Into an existing folder (which may hold other files, such as
+    training checkpoints) each file is moved by its own rename, weights first and metadata
+    last, so every file present is always complete.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        _write_folder_contents(tmp, config, state, vocab, metadata)
+        if not folder.exists():
+            tmp.rename(folder)
+            return folder
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{str(folder)!r} exists and is not a folder.")
+        for name in (SAFETENSORS_NAME, CONFIG_NAME, VOCAB_NAME, METADATA_NAME):
+            os.replace(tmp / name, folder / name)
+        return folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
