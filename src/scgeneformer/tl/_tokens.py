@@ -1,0 +1,43 @@
+"""The token slots a tool reads: made with the model's vocabulary, or made now."""
+
+from __future__ import annotations
+
+import numpy as np
+from anndata import AnnData
+
+from ..model import Geneformer
+from ..pp import rank_tokenize
+
+TOKENS_KEY = "geneformer"
+
+
+def cell_tokens(
+    adata: AnnData, model: Geneformer, *, key: str = TOKENS_KEY
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(tokens, n_tokens)`` for ``adata``'s cells, checked against ``model``'s vocabulary.
+
+    When ``obsm[f"{key}_tokens"]`` is absent, the cells are tokenized first with the model's
+    vocabulary (which writes the tokenization slots, see :func:`~scgeneformer.pp.rank_tokenize`).
+    Tokens made with another vocabulary are refused.
+
+    Examples
+    --------
+    >>> tokens, n_tokens = cell_tokens(adata, model)  # doctest: +SKIP
+    """
+    if f"{key}_tokens" not in adata.obsm:
+        rank_tokenize(adata, model.vocab, key_added=key)
+    info = adata.uns.get(key)
+    if not isinstance(info, dict) or "vocabulary_sha256" not in info:
+        raise ValueError(
+            f"adata.obsm['{key}_tokens'] exists but adata.uns['{key}'] does not say which "
+            "vocabulary made it; re-run sgf.pp.rank_tokenize(adata, model.vocab)."
+        )
+    model.check_tokens_vocabulary(info["vocabulary_sha256"], info.get("vocabulary_name"))
+    tokens = np.asarray(adata.obsm[f"{key}_tokens"])
+    n_tokens = adata.obs[f"{key}_n_tokens"].to_numpy().astype(np.int64)
+    if n_tokens.max(initial=0) > model.max_length:
+        raise ValueError(
+            f"Cells hold up to {n_tokens.max()} tokens, more than the model's "
+            f"{model.max_length} positions; re-tokenize with max_length={model.max_length}."
+        )
+    return tokens, n_tokens
