@@ -1,3 +1,5 @@
 """Tools: pretraining, embedding, fine-tuning and in silico perturbation."""
 
-__all__: list[str] = []
+from ._embed import embed
+
+__all__ = ["embed"]

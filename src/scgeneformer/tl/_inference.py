@@ -1,0 +1,174 @@
+"""Running the encoder over many cells: token-budget batches, pooling, input order kept.
+
+On CUDA cells are packed without padding (flash ``varlen_attn``); elsewhere they go in
+length-sorted padded batches. Either way the encoder stops at the layer read and results come
+back in the cells' input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._settings import settings
+from ..data.batching import pack_tokens, token_budget_batches
+from ..model import Geneformer
+from ._training import autocast
+
+POOLINGS = ("mean", "cls")
+
+
+def hidden_layer_index(model: Geneformer, layer: int) -> int:
+    """Turn Geneformer's layer convention into an index of the encoder's hidden states.
+
+    As Geneformer's ``emb_layer``: 0 is the last layer, -1 the one before it, and so on down
+    to ``-num_layers`` (the embedding layer's output).
+
+    Examples
+    --------
+    >>> hidden_layer_index(model, -1) == model.num_layers - 1  # doctest: +SKIP
+    True
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
+        raise TypeError(f"layer must be an integer, got {layer!r}.")
+    if not -model.num_layers <= layer <= 0:
+        raise ValueError(
+            f"layer={layer} is out of range for a model with {model.num_layers} layers: use 0 "
+            f"(last layer), -1 (second to last, Geneformer's default) ... {-model.num_layers} "
+            "(embeddings)."
+        )
+    return model.num_layers + int(layer)
+
+
+def check_pooling(model: Geneformer, pooling: str) -> None:
+    """Refuse unknown poolings, and ``"cls"`` on a vocabulary without ``<cls>``."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+    if pooling == "cls" and not model.vocab.has_cls:
+        raise ValueError(
+            f"pooling='cls' needs a <cls> token, and the vocabulary {model.vocab.name!r} has "
+            "none (Geneformer V1 style). Use pooling='mean'."
+        )
+
+
+@dataclass
+class Encoded:
+    """Pooled cell embeddings and, optionally, per-token sums for gene embeddings."""
+
+    cells: np.ndarray
+    gene_sum: np.ndarray | None
+    gene_count: np.ndarray | None
+
+
+@contextlib.contextmanager
+def inference_on(model: Geneformer, device: torch.device) -> Iterator[None]:
+    """Put the model in evaluation mode on ``device`` for the duration, then restore it."""
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _gene_mask(ids: torch.Tensor, model: Geneformer) -> torch.Tensor:
+    special = torch.tensor(
+        list(model.vocab.special_tokens.values()), device=ids.device, dtype=ids.dtype
+    )
+    return ~torch.isin(ids, special)
+
+
+def encode_cells(
+    model: Geneformer,
+    tokens: np.ndarray,
+    n_tokens: np.ndarray,
+    *,
+    layer: int,
+    pooling: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    token_budget: int | None = None,
+    genes: bool = False,
+    packed: bool | None = None,
+    desc: str = "embedding",
+) -> Encoded:
+    """Pool each cell's hidden states at ``layer``; cells without tokens get NaN rows.
+
+    Parameters
+    ----------
+    model
+        The encoder, moved to ``device`` for the call.
+    tokens, n_tokens
+        Right-padded token rows and their lengths (the tokenization slots).
+    layer
+        Geneformer's convention (see :func:`hidden_layer_index`).
+    pooling
+        ``"mean"`` over gene tokens (``<cls>``/``<eos>`` excluded) or ``"cls"``.
+    device, dtype
+        Where and in which precision to run (16-bit dtypes through autocast, so the model's
+        own weights stay as they are).
+    token_budget
+        Tokens per batch (default ``sgf.settings.token_budget``).
+    genes
+        Also sum each token's hidden state over cells (for gene embeddings).
+    packed
+        Pack cells without padding; default: on CUDA.
+    desc
+        Progress bar label.
+
+    Returns
+    -------
+    :class:`Encoded` with ``cells`` ``(n_cells, hidden)`` float32 in input order.
+    """
+    index = hidden_layer_index(model, layer)
+    check_pooling(model, pooling)
+    packed = device.type == "cuda" if packed is None else packed
+    n_cells, hidden = len(n_tokens), model.hidden_size
+    cells = np.full((n_cells, hidden), np.nan, dtype=np.float32)
+    present = np.flatnonzero(n_tokens > 0)
+    batches = token_budget_batches(n_tokens[present], token_budget, padded=not packed)
+    gene_sum = torch.zeros((len(model.vocab), hidden), dtype=torch.float64, device=device)
+    gene_count = torch.zeros(len(model.vocab), dtype=torch.int64, device=device)
+    bar = tqdm(total=len(present), desc=desc, unit="cells", disable=not settings.progress)
+    with inference_on(model, device), autocast(device, dtype), bar:
+        for batch in batches:
+            rows = present[batch]
+            lengths = n_tokens[rows]
+            if packed:
+                flat, cu, longest = pack_tokens(tokens[rows].astype(np.int64), lengths)
+                ids, cu = flat.to(device), cu.to(device)
+                states = model.hidden_states_packed(ids, cu, longest, layer=index)
+                cell_of = torch.repeat_interleave(
+                    torch.arange(len(rows), device=device),
+                    torch.as_tensor(lengths, device=device),
+                )
+                first = cu[:-1].long()
+            else:
+                width = int(lengths.max())
+                ids = torch.as_tensor(tokens[rows, :width].astype(np.int64), device=device)
+                states = model.hidden_states(ids, ids != model.vocab.pad_id, layer=index)
+                cell_of = torch.arange(len(rows), device=device)[:, None].expand_as(ids)
+                first = None
+            gene = _gene_mask(ids, model)
+            states = states.float()
+            if pooling == "cls":
+                pooled = states[first] if packed else states[:, 0]
+            else:
+                sums = torch.zeros((len(rows), hidden), device=device)
+                sums.index_add_(0, cell_of[gene], states[gene])
+                counts = torch.bincount(cell_of[gene], minlength=len(rows)).clamp_min(1)
+                pooled = sums / counts[:, None]
+            cells[rows] = pooled.cpu().numpy()
+            if genes:
+                gene_sum.index_add_(0, ids[gene], states[gene].double())
+                gene_count += torch.bincount(ids[gene], minlength=len(model.vocab))
+            bar.update(len(rows))
+    if not genes:
+        return Encoded(cells, None, None)
+    return Encoded(cells, gene_sum.cpu().numpy(), gene_count.cpu().numpy())
