@@ -1,0 +1,220 @@
+"""In silico deletion and overexpression: exact shifts, statistics, calibration, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import scgeneformer as sgf
+from scgeneformer.tl._perturb_stats import gene_statistics, rank_residuals
+
+TINY = dict(
+    num_hidden_layers=2,
+    hidden_size=32,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="module")
+def states_data():
+    adata = sgf.datasets.synthetic_states(n_cells=120, n_genes=150, random_state=3)
+    vocab = sgf.Vocabulary.build(adata, max_length=256)
+    model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **TINY)
+    sgf.pp.rank_tokenize(adata, vocab)
+    return adata, model
+
+
+def pooled(model, rows: list[np.ndarray], layer_index: int) -> np.ndarray:
+    out = []
+    lead = 1 if model.vocab.has_cls else 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.as_tensor(row.astype(np.int64))[None, :]
+            h = model.eval().hidden_states(ids, layer=layer_index)[0].numpy()
+            out.append(h[lead : len(row) - lead].mean(axis=0))
+    return np.array(out)
+
+
+def cos(a, b):
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_stored_shifts_equal_a_hand_computation(states_data):
+    adata, model = states_data
+    adata = adata.copy()
+    sgf.tl.in_silico_delete(
+        adata,
+        model,
+        state_key="state",
+        start_state="disease",
+        goal_state="healthy",
+        max_cells=4,
+        store_per_cell=True,
+        min_cells=1,
+    )
+    layer_index = model.num_layers - 1
+    tokens, n = adata.obsm["geneformer_tokens"], adata.obs["geneformer_n_tokens"].to_numpy()
+    goal_rows = np.flatnonzero(adata.obs["state"] == "healthy")
+    goal = pooled(model, [tokens[r, : n[r]] for r in goal_rows], layer_index).mean(axis=0)
+    per_cell = adata.layers["in_silico_delete"].tocsr()
+    cells = np.unique(per_cell.nonzero()[0])
+    assert len(cells) == 4 and set(adata.obs["state"].iloc[cells]) == {"disease"}
+    rng = np.random.default_rng(0)
+    checked = 0
+    for c in cells:
+        row = tokens[c, : n[c]]
+        original = pooled(model, [row], layer_index)[0]
+        for pos in rng.choice(np.arange(1, n[c] - 1), size=5, replace=False):
+            gene_col = np.flatnonzero(adata.var["geneformer_token"] == row[pos])[0]
+            variant = np.delete(row, pos)
+            expected = cos(pooled(model, [variant], layer_index)[0], goal) - cos(original, goal)
+            assert per_cell[c, gene_col] == pytest.approx(expected, abs=2e-6)
+            checked += 1
+    assert checked == 20
+    # The per-gene shift is the mean of its per-cell shifts.
+    col = np.flatnonzero(adata.var["in_silico_delete_n_cells"] == 4)[0]
+    assert adata.var["in_silico_delete_shift"].iloc[col] == pytest.approx(
+        per_cell[cells, col].toarray().mean(), abs=1e-7
+    )
+
+
+def test_magnitude_without_states_and_listed_genes(states_data):
+    adata, model = states_data
+    adata = adata.copy()
+    genes = list(adata.var_names[:3])
+    sgf.tl.in_silico_delete(adata, model, genes=genes, max_cells=10, min_cells=1)
+    shift = adata.var["in_silico_delete_shift"]
+    assert shift.iloc[:3].notna().all() and shift.iloc[3:].isna().all()
+    assert (shift.iloc[:3] > 0).all()  # 1 - cos(variant, original) of a real change
+    assert adata.uns["in_silico_delete"]["score"] == "1 - cos(variant, original)"
+
+
+def test_combined_deletion_matches_single_deletion_for_one_gene(states_data):
+    adata, model = states_data
+    adata = adata.copy()
+    gene = adata.var_names[adata.var["gene_role"] == "housekeeping"][0]
+    kwargs = dict(state_key="state", start_state="disease", goal_state="healthy")
+    sgf.tl.in_silico_delete(adata, model, genes=[gene], combine=True, key_added="both", **kwargs)
+    sgf.tl.in_silico_delete(adata, model, genes=[gene], store_per_cell=True, **kwargs)
+    combined = adata.obs["both_combined_shift"].to_numpy()
+    single = adata.layers["in_silico_delete"][:, adata.var_names.get_loc(gene)].toarray().ravel()
+    disease = (adata.obs["state"] == "disease").to_numpy()
+    expressed = single != 0
+    np.testing.assert_allclose(combined[expressed], single[expressed], atol=1e-6)
+    assert np.isnan(combined[~disease]).all()
+
+
+def test_overexpression_moves_present_and_inserts_absent_genes(states_data):
+    adata, model = states_data
+    adata = adata.copy()
+    tokens = adata.obsm["geneformer_tokens"]
+    absent = [
+        g
+        for g in adata.var_names
+        if not np.isin(adata.var.loc[g, "geneformer_token"], tokens[:5]).any()
+    ]
+    present = adata.var_names[np.isin(adata.var["geneformer_token"], tokens[0])][5]
+    sgf.tl.in_silico_overexpress(
+        adata,
+        model,
+        genes=[present, absent[0]],
+        max_cells=5,
+        min_cells=1,
+        store_per_cell=True,
+    )
+    n_cells = adata.var["in_silico_overexpress_n_cells"]
+    assert n_cells[absent[0]] == 5  # inserted in every perturbed cell
+    assert n_cells[present] >= 1
+    # Moving the top-ranked gene to the front changes nothing; moving the 6th does.
+    assert adata.var["in_silico_overexpress_shift"][present] > 0
+
+
+def test_overexpression_variants_by_hand():
+    from scgeneformer.tl._in_silico import _deleted, _inserted_in_front, _moved_to_front
+
+    row = torch.tensor([2, 10, 11, 12, 13, 3])
+    assert _deleted(row, torch.tensor([2])).tolist() == [[2, 10, 12, 13, 3]]
+    assert _moved_to_front(row, torch.tensor([3, 1]), 1).tolist() == [
+        [2, 12, 10, 11, 13, 3],
+        [2, 10, 11, 12, 13, 3],
+    ]
+    assert _inserted_in_front(row, torch.tensor([40]), 1, 1, 10).tolist() == [
+        [2, 40, 10, 11, 12, 13, 3]
+    ]
+    # A full cell drops its last gene, keeping <eos>, as Geneformer truncates.
+    assert _inserted_in_front(row, torch.tensor([40]), 1, 1, 6).tolist() == [[2, 40, 10, 11, 12, 3]]
+
+
+def test_rank_residuals_remove_the_rank_trend():
+    cell = np.repeat(np.arange(30), 50)
+    position = np.tile(np.arange(50), 30)
+    noise = np.random.default_rng(0).normal(0, 1e-3, len(cell))
+    score = np.exp(-position / 50) + noise
+    residual = rank_residuals(cell, position, score)
+    # A smooth rank trend (scores 1 .. 0.38, sd 0.18) is gone, edges included: what is left
+    # is the noise and the trend's curvature over the window, both small.
+    assert np.std(residual) < np.std(score) / 50
+    assert np.abs(residual[position == 0]).mean() < 1e-2
+
+
+def test_statistics_find_a_planted_gene_and_stay_calibrated_without_one():
+    rng = np.random.default_rng(1)
+    n_cells, n_genes = 60, 200
+    cell = np.repeat(np.arange(n_cells), n_genes)
+    token = np.tile(np.arange(n_genes), n_cells)
+    position = np.concatenate([rng.permutation(n_genes) for _ in range(n_cells)])
+    base = 0.05 / (1 + position)
+    gene_effect = rng.normal(0, 2e-4, n_genes)[token]  # systematic per-gene quirks of a model
+    noise = rng.normal(0, 1e-3, len(cell))
+    null = gene_statistics(cell, token, position, base + gene_effect + noise, min_cells=3)
+    assert (null.fdr < 0.05).mean() <= 0.05
+    planted = base + gene_effect + noise + np.where(token == 7, 3e-3, 0.0)
+    hit = gene_statistics(cell, token, position, planted, min_cells=3)
+    assert hit.fdr[7] < 0.05 and np.argmax(hit.shift - null.shift) == 7
+
+
+def test_calibration_on_states_without_a_difference(states_data):
+    adata, model = states_data
+    adata = adata[adata.obs["state"] == "healthy"].copy()
+    adata.obs["fake"] = np.where(np.random.default_rng(0).random(adata.n_obs) < 0.5, "a", "b")
+    sgf.tl.in_silico_delete(adata, model, state_key="fake", start_state="a", goal_state="b")
+    fdr = adata.var["in_silico_delete_fdr"].dropna()
+    assert len(fdr) > 50
+    assert (fdr < 0.05).mean() <= 0.05
+
+
+def test_bad_input_is_refused(states_data):
+    adata, model = states_data
+    adata = adata.copy()
+    before = set(adata.var.columns), set(adata.uns)
+    kwargs = dict(state_key="state", start_state="disease", goal_state="healthy")
+    with pytest.raises(ValueError, match=r"\['sick'\] not found.*\['disease', 'healthy'\]"):
+        sgf.tl.in_silico_delete(
+            adata, model, state_key="state", start_state="sick", goal_state="healthy"
+        )
+    with pytest.raises(KeyError, match="state_key='condition' is not a column"):
+        sgf.tl.in_silico_delete(
+            adata, model, state_key="condition", start_state="a", goal_state="b"
+        )
+    with pytest.raises(ValueError, match=r"not in the vocabulary.*\['NOPE1', 'NOPE2'\]"):
+        sgf.tl.in_silico_delete(
+            adata, model, genes=["NOPE1", adata.var_names[0], "NOPE2"], **kwargs
+        )
+    empty = adata.copy()
+    empty.obs["state"] = empty.obs["state"].cat.add_categories("empty")
+    empty.obs.loc[empty.obs_names[0], "state"] = "empty"
+    empty.obs["geneformer_n_tokens"] = np.where(
+        empty.obs["state"] == "empty", 0, empty.obs["geneformer_n_tokens"]
+    )
+    with pytest.raises(ValueError, match="'empty' of obs\\['state'\\] has no cells with tokens"):
+        sgf.tl.in_silico_delete(
+            empty, model, state_key="state", start_state="empty", goal_state="healthy"
+        )
+    other = sgf.Vocabulary.build(adata[:60], max_length=256, name="other-vocab")
+    other_model = sgf.Geneformer.from_config("V1-10M", other, random_state=0, **TINY)
+    with pytest.raises(ValueError, match="other-vocab"):
+        sgf.tl.in_silico_delete(adata, other_model, **kwargs)
+    assert (set(adata.var.columns), set(adata.uns)) == before
