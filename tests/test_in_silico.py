@@ -218,3 +218,25 @@ def test_bad_input_is_refused(states_data):
     with pytest.raises(ValueError, match="other-vocab"):
         sgf.tl.in_silico_delete(adata, other_model, **kwargs)
     assert (set(adata.var.columns), set(adata.uns)) == before
+
+
+def test_ranking_plots_show_the_top_genes(states_data, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    adata, model = states_data
+    adata = adata.copy()
+    sgf.tl.in_silico_delete(
+        adata, model, state_key="state", start_state="disease", goal_state="healthy", max_cells=10
+    )
+    ax = sgf.pl.deletion_ranking(adata, n_top=8, show=False, save=tmp_path / "rank.png")
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    shift = adata.var.set_index("gene_symbol")["in_silico_delete_shift"]
+    n = adata.var.set_index("gene_symbol")["in_silico_delete_n_cells"]
+    expected = shift[n >= 3].nlargest(8).index.tolist()
+    assert labels[::-1] == expected  # best at the top
+    assert (tmp_path / "rank.png").stat().st_size > 1000
+    ax = sgf.pl.deletion_volcano(adata, show=False)
+    assert ax.get_ylabel() == "-log10 FDR"
+    with pytest.raises(KeyError, match="run sgf.tl.in_silico_delete"):
+        sgf.pl.deletion_ranking(adata, key="nothing", show=False)

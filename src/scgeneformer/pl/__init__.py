@@ -1,3 +1,5 @@
 """Plots."""
 
-__all__: list[str] = []
+from ._deletion import deletion_ranking, deletion_volcano
+
+__all__ = ["deletion_ranking", "deletion_volcano"]
