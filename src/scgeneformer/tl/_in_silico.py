@@ -354,6 +354,7 @@ def _screen(
         return np.where(found, values[at], fill)
 
     target.var[f"{key_added}_shift"] = per_var(result.shift)
+    target.var[f"{key_added}_zscore"] = per_var(result.zscore)
     target.var[f"{key_added}_pval"] = per_var(result.pval)
     target.var[f"{key_added}_fdr"] = per_var(result.fdr)
     target.var[f"{key_added}_n_cells"] = per_var(result.n_cells, 0).astype(np.int64)
@@ -464,7 +465,8 @@ _SHARED_PARAMETERS = """
     -------
     None, or a new AnnData with ``copy=True``. Writes, per gene, ``var[f"{key_added}_shift"]``
     (mean shift toward the goal over the cells where it was perturbed), ``_pval`` and
-    ``_fdr`` (against the other genes' rank-matched shifts, see Notes), ``_n_cells``, and
+    ``_fdr`` (against the other genes' rank-matched shifts, see Notes), ``_zscore`` (the
+    rank-adjusted statistic they come from), ``_n_cells``, and
     ``_shift_{state}`` per alt state; the parameters in ``uns[key_added]``.
 
     Notes
