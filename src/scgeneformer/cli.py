@@ -1,4 +1,4 @@
-"""Command line: ``scgeneformer demo | tokenize``."""
+"""Command line: ``scgeneformer demo | tokenize | pretrain``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .pretrain_cli import add_pretrain_command
 
 
 def _load_vocabulary(args: argparse.Namespace):
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--max-length", type=int)
     tok.add_argument("--n-jobs", type=int)
     tok.set_defaults(run=_tokenize)
+
+    add_pretrain_command(commands)
     return parser
 
 

@@ -2,5 +2,6 @@
 
 from ._embed import embed
 from ._in_silico import in_silico_delete, in_silico_overexpress
+from ._pretrain import pretrain
 
-__all__ = ["embed", "in_silico_delete", "in_silico_overexpress"]
+__all__ = ["embed", "in_silico_delete", "in_silico_overexpress", "pretrain"]

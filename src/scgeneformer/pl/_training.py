@@ -1,0 +1,124 @@
+"""Plots of training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+
+from ..model import Geneformer
+from ..model.checkpoint import METADATA_NAME
+
+
+def _history(source: Geneformer | dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """Read the ``{"train": [...], "eval": [...]}`` history of a model, dict, file or folder."""
+    if isinstance(source, Geneformer):
+        history = source.training_args.get("history")
+        if history is None:
+            raise ValueError(
+                "This model has no training history: it was not trained with sgf.tl.pretrain "
+                "(or was loaded from a checkpoint saved without one)."
+            )
+        return history
+    if isinstance(source, dict):
+        return source.get("history", source)
+    path = Path(source)
+    if path.is_dir():
+        for candidate in (path / "history.json", path / METADATA_NAME):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise FileNotFoundError(
+                f"{str(path)!r} holds neither history.json nor {METADATA_NAME}; give the "
+                "output_dir of a pretraining run or a saved model folder."
+            )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if path.name == METADATA_NAME:
+        data = (data.get("training_args") or {}).get("history")
+        if data is None:
+            raise ValueError(f"{str(path)!r} records no training history.")
+    return data
+
+
+def loss_curve(
+    source: Geneformer | dict[str, Any] | str | os.PathLike,
+    *,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike | None = None,
+) -> Axes | None:
+    """Plot the masked-gene loss against the step, and held-out accuracy on a second axis.
+
+    Parameters
+    ----------
+    source
+        A model trained by :func:`scgeneformer.tl.pretrain` (its ``training_args``), a history
+        dict, ``history.json``, or a run or model folder.
+    ax
+        Axes to draw on (a new figure by default).
+    show
+        Show the figure; by default when neither ``ax`` nor ``save`` is given.
+    save
+        File to save the figure to.
+
+    Returns
+    -------
+    The Axes (loss; the accuracy axis is its twin) when ``show`` is False, else None.
+
+    Examples
+    --------
+    >>> import scgeneformer as sgf
+    >>> ax = sgf.pl.loss_curve("runs/v1", show=False)  # doctest: +SKIP
+    """
+    history = _history(source)
+    train = history.get("train", [])
+    evaluation = history.get("eval", [])
+    if not train and not evaluation:
+        raise ValueError("The training history is empty: no step was logged.")
+    if show is None:
+        show = ax is None and save is None
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(
+        [r["step"] for r in train], [r["loss"] for r in train], color="C0", label="training loss"
+    )
+    ax.set_xlabel("step")
+    ax.set_ylabel("masked-gene loss (cross-entropy)")
+    handles, labels = ax.get_legend_handles_labels()
+    if evaluation:
+        twin = ax.twinx()
+        steps = [r["step"] for r in evaluation]
+        twin.plot(
+            steps,
+            [r["accuracy"] for r in evaluation],
+            color="C1",
+            marker="o",
+            label="held-out accuracy",
+        )
+        if all("frequency_baseline" in r for r in evaluation):
+            twin.plot(
+                steps,
+                [r["frequency_baseline"] for r in evaluation],
+                color="C1",
+                linestyle=":",
+                label="most frequent gene",
+            )
+        twin.set_ylabel("held-out masked-gene accuracy")
+        twin.set_ylim(0, 1)
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="center right", frameon=False)
+    if save is not None:
+        ax.figure.savefig(save, bbox_inches="tight")
+    if show:
+        plt.show()
+        return None
+    return ax
+
+
+__all__ = ["loss_curve"]
