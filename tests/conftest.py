@@ -23,8 +23,12 @@ def shared_file(*parts: str) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _quiet_progress():
+def _quiet_and_single_threaded():
+    # `make test` runs two pytest workers on two cores: more threads per worker only contend.
+    import torch
+
     sgf.settings.progress = False
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -178,3 +178,38 @@ def test_bad_input_is_refused_and_adata_unchanged():
     with pytest.raises(ValueError, match="pooling must be one of"):
         sgf.tl.embed(adata, model, pooling="max")
     assert (set(adata.obsm), set(adata.uns)) == before
+
+
+def knn_accuracy(embedding: np.ndarray, labels) -> float:
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return cross_val_score(KNeighborsClassifier(10), embedding, labels, cv=5).mean()
+
+
+def test_pbmc3k_brief_pretraining_beats_random_weights(pbmc3k, tmp_path):
+    """kNN cell-type accuracy of the embeddings: briefly pretrained vs the same random init.
+
+    Measured on this machine (600 steps, about a minute): random 0.54, pretrained 0.66.
+    """
+    adata = pbmc3k.copy()
+    vocab = sgf.Vocabulary.build(adata, min_cells=50, max_length=128)
+    sgf.pp.rank_tokenize(adata, vocab)
+    sizes = dict(TINY, num_hidden_layers=2, hidden_size=64, max_position_embeddings=128)
+    random_model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **sizes)
+    sgf.tl.embed(adata, random_model)
+    random_accuracy = knn_accuracy(adata.obsm["X_geneformer"], adata.obs["cell_type"])
+    trained = sgf.tl.pretrain(
+        adata,
+        sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **sizes),
+        output_dir=tmp_path / "run",
+        max_steps=600,
+        warmup_steps=20,
+        lr=4e-3,
+        token_budget=4096,
+        save_every=10_000,
+        log_every=100,
+    )
+    sgf.tl.embed(adata, trained)
+    trained_accuracy = knn_accuracy(adata.obsm["X_geneformer"], adata.obs["cell_type"])
+    assert trained_accuracy > random_accuracy + 0.06, (random_accuracy, trained_accuracy)
