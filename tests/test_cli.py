@@ -2,24 +2,50 @@
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import numpy as np
+import pytest
 
 import scgeneformer as sgf
 from scgeneformer.cli import main
 
 
-def test_demo_writes_a_report_with_drivers_higher_in_disease(tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path), "--n-cells", "300"]) == 0
+def test_demo_runs_the_whole_workflow_at_small_size(tmp_path):
+    from scgeneformer._demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        output=tmp_path,
+        n_cells=240,
+        max_length=96,
+        layers=1,
+        hidden=32,
+        pretrain_steps=6,
+        finetune_epochs=1,
+        deletion_cells=4,
+    )
+    result = run_demo(config)
     report = (tmp_path / "report.md").read_text()
-    assert "median driver position" in report
-    adata = ad.read_h5ad(tmp_path / "tokenized.h5ad")
-    assert "geneformer_tokens" in adata.obsm
-    out = capsys.readouterr().out
-    healthy = float(out.split("drivers in healthy cells: median token position ")[1].split()[0])
-    disease = float(out.split("drivers in disease cells: median token position ")[1].split()[0])
-    # Drivers are up in disease, so they rank nearer the top of disease cells' token lists.
-    assert disease < healthy
+    for figure in ("loss_curve.png", "umap.png", "confusion_matrix.png", "deletion_ranking.png"):
+        assert (tmp_path / figure).stat().st_size > 1000
+        assert f"]({figure})" in report
+    rankings = result["comparison"]["rankings"]
+    assert set(rankings) == {
+        "deletion shift",
+        "deletion z-score (rank-adjusted)",
+        "differential expression (Wilcoxon)",
+    }
+    # The planted genes are differentially expressed by construction: DE must find them.
+    assert rankings["differential expression (Wilcoxon)"]["auroc"] > 0.95
+    assert "precision@" in report and "PCA + logistic regression" in report
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["timings"]["total"] > 0
+
+
+def test_demo_command_line_checks_its_options(tmp_path):
+    with pytest.raises(SystemExit, match="go with --data"):
+        main(["demo", "--output", str(tmp_path), "--start", "stim"])
 
 
 def test_tokenize_command_matches_the_python_call(tmp_path):

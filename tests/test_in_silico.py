@@ -238,5 +238,5 @@ def test_ranking_plots_show_the_top_genes(states_data, tmp_path):
     assert (tmp_path / "rank.png").stat().st_size > 1000
     ax = sgf.pl.deletion_volcano(adata, show=False)
     assert ax.get_ylabel() == "-log10 FDR"
-    with pytest.raises(KeyError, match="run sgf.tl.in_silico_delete"):
+    with pytest.raises(KeyError, match=r"run sgf\.tl\.in_silico_delete"):
         sgf.pl.deletion_ranking(adata, key="nothing", show=False)

@@ -8,11 +8,12 @@ Rank-value tokenization (:mod:`scgeneformer.pp`), the Geneformer encoder
 from . import datasets, pl, pp, tl
 from ._settings import settings
 from ._version import __version__
-from .model import Geneformer, GeneformerConfig
+from .model import Geneformer, GeneformerClassifier, GeneformerConfig
 from .vocab import Vocabulary
 
 __all__ = [
     "Geneformer",
+    "GeneformerClassifier",
     "GeneformerConfig",
     "Vocabulary",
     "__version__",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,60 +43,28 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def token_position_summary(adata, genes: Sequence[str], state_key: str) -> dict[str, float]:
-    """Median position of ``genes`` in the token lists of each state's cells (1 = first).
-
-    Cells where a gene is absent are left out; positions count genes only (after ``<cls>``).
-    """
-    tokens = adata.obsm["geneformer_tokens"]
-    gene_tokens = adata.var.loc[list(genes), "geneformer_token"].to_numpy()
-    lead = 1 if adata.uns["geneformer"]["has_cls"] else 0
-    out = {}
-    for state in adata.obs[state_key].cat.categories:
-        rows = tokens[(adata.obs[state_key] == state).to_numpy()]
-        hits = np.isin(rows, gene_tokens)
-        positions = np.nonzero(hits)[1] + 1 - lead
-        out[str(state)] = float(np.median(positions)) if len(positions) else float("nan")
-    return out
-
-
 def _demo(args: argparse.Namespace) -> int:
-    from .datasets import synthetic_states
-    from .pp import rank_tokenize
-    from .vocab import Vocabulary
+    from ._demo import DemoConfig, run_demo
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    adata = synthetic_states(n_cells=args.n_cells, random_state=args.seed)
-    print(f"[1/3] synthetic two-state data: {adata.n_obs:,} cells x {adata.n_vars:,} genes")
-    vocab = Vocabulary.build(adata, name="synthetic-demo")
-    vocab.save(out / "vocab.json")
-    print(f"[2/3] {vocab!r}")
-    rank_tokenize(adata, vocab)
-    n = adata.obs["geneformer_n_tokens"].to_numpy()
-    print(f"[3/3] tokenized: {n.mean():.0f} tokens per cell (min {n.min()}, max {n.max()})")
-    drivers = adata.var_names[adata.var["gene_role"] == "driver"]
-    positions = token_position_summary(adata, drivers, "state")
-    lines = [
-        "# scgeneformer demo",
-        "",
-        f"- data: `synthetic_states(n_cells={args.n_cells}, random_state={args.seed})`",
-        f"- vocabulary: {vocab.n_genes} genes, sha256 `{vocab.sha256[:16]}`",
-        f"- tokens per cell: mean {n.mean():.0f}, min {n.min()}, max {n.max()}",
-        "",
-        "Median position of the planted driver genes in each state's token lists "
-        "(1 = the cell's top-ranked gene):",
-        "",
-        "| state | median driver position |",
-        "|---|---|",
-        *[f"| {state} | {pos:.0f} |" for state, pos in positions.items()],
-    ]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    adata.write_h5ad(out / "tokenized.h5ad")
-    for state, pos in positions.items():
-        print(f"    drivers in {state} cells: median token position {pos:.0f}")
-    print(f"done in {time.perf_counter() - start:.1f} s; report: {out / 'report.md'}")
+    if args.data is None and (args.state_key, args.start, args.goal) != (
+        "state",
+        "disease",
+        "healthy",
+    ):
+        raise SystemExit("--state-key, --start and --goal go with --data FILE.h5ad.")
+    config = DemoConfig(
+        output=Path(args.output),
+        data=None if args.data is None else Path(args.data),
+        state_key=args.state_key,
+        start=args.start,
+        goal=args.goal,
+        n_cells=args.n_cells,
+        pretrain_steps=args.pretrain_steps,
+        finetune_epochs=args.finetune_epochs,
+        deletion_cells=args.deletion_cells,
+        seed=args.seed,
+    )
+    run_demo(config)
     return 0
 
 
@@ -106,9 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scgeneformer", description="Geneformer on AnnData.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="run the main workflow on embedded synthetic data")
+    demo = commands.add_parser(
+        "demo", help="the whole workflow on embedded synthetic data (or --data), with a report"
+    )
     demo.add_argument("--output", default="demo_out", help="folder for the report")
-    demo.add_argument("--n-cells", type=int, default=2000)
+    demo.add_argument("--data", help="an h5ad with raw counts instead of the synthetic data")
+    demo.add_argument("--state-key", default="state", help="obs column of cell states")
+    demo.add_argument("--start", default="disease", help="state to delete genes in")
+    demo.add_argument("--goal", default="healthy", help="state to move toward")
+    demo.add_argument("--n-cells", type=int, default=2000, help="synthetic cells")
+    demo.add_argument("--pretrain-steps", type=int, default=300)
+    demo.add_argument("--finetune-epochs", type=int, default=3)
+    demo.add_argument("--deletion-cells", type=int, default=60)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 

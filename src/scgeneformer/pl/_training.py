@@ -10,12 +10,16 @@ from typing import Any
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
-from ..model import Geneformer
+from ..model import Geneformer, GeneformerClassifier
 from ..model.checkpoint import METADATA_NAME
 
 
-def _history(source: Geneformer | dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
+def _history(
+    source: Geneformer | GeneformerClassifier | dict[str, Any] | str | os.PathLike,
+) -> dict[str, Any]:
     """Read the ``{"train": [...], "eval": [...]}`` history of a model, dict, file or folder."""
+    if isinstance(source, GeneformerClassifier):
+        return dict(source.history)
     if isinstance(source, Geneformer):
         history = source.training_args.get("history")
         if history is None:
@@ -45,8 +49,17 @@ def _history(source: Geneformer | dict[str, Any] | str | os.PathLike) -> dict[st
     return data
 
 
+def _finetune_records(history: dict[str, list]) -> dict[str, list[dict[str, float]]]:
+    """Turn :func:`~scgeneformer.tl.finetune`'s per-epoch lists into step records."""
+    rows = list(zip(history["step"], history["loss"], history["val_macro_f1"], strict=True))
+    return {
+        "train": [{"step": s, "loss": loss} for s, loss, _ in rows],
+        "eval": [{"step": s, "accuracy": f1} for s, _, f1 in rows if f1 == f1],
+    }
+
+
 def loss_curve(
-    source: Geneformer | dict[str, Any] | str | os.PathLike,
+    source: Geneformer | GeneformerClassifier | dict[str, Any] | str | os.PathLike,
     *,
     ax: Axes | None = None,
     show: bool | None = None,
@@ -57,8 +70,9 @@ def loss_curve(
     Parameters
     ----------
     source
-        A model trained by :func:`scgeneformer.tl.pretrain` (its ``training_args``), a history
-        dict, ``history.json``, or a run or model folder.
+        A model trained by :func:`scgeneformer.tl.pretrain` (its ``training_args``), a
+        classifier from :func:`scgeneformer.tl.finetune` (its per-epoch history, plotted with
+        the validation macro-F1), a history dict, ``history.json``, or a run or model folder.
     ax
         Axes to draw on (a new figure by default).
     show
@@ -76,6 +90,10 @@ def loss_curve(
     >>> ax = sgf.pl.loss_curve("runs/v1", show=False)  # doctest: +SKIP
     """
     history = _history(source)
+    score_label = "held-out masked-gene accuracy"
+    if "val_macro_f1" in history:  # a fine-tuning history: equal-length lists per epoch
+        history = _finetune_records(history)
+        score_label = "validation macro-F1"
     train = history.get("train", [])
     evaluation = history.get("eval", [])
     if not train and not evaluation:
@@ -88,7 +106,7 @@ def loss_curve(
         [r["step"] for r in train], [r["loss"] for r in train], color="C0", label="training loss"
     )
     ax.set_xlabel("step")
-    ax.set_ylabel("masked-gene loss (cross-entropy)")
+    ax.set_ylabel("training loss (cross-entropy)")
     handles, labels = ax.get_legend_handles_labels()
     if evaluation:
         twin = ax.twinx()
@@ -98,7 +116,7 @@ def loss_curve(
             [r["accuracy"] for r in evaluation],
             color="C1",
             marker="o",
-            label="held-out accuracy",
+            label=score_label,
         )
         if all("frequency_baseline" in r for r in evaluation):
             twin.plot(
@@ -108,7 +126,7 @@ def loss_curve(
                 linestyle=":",
                 label="most frequent gene",
             )
-        twin.set_ylabel("held-out masked-gene accuracy")
+        twin.set_ylabel(score_label)
         twin.set_ylim(0, 1)
         more_handles, more_labels = twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels

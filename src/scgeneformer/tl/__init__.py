@@ -1,7 +1,15 @@
 """Tools: pretraining, embedding, fine-tuning and in silico perturbation."""
 
 from ._embed import embed
+from ._finetune import finetune, predict
 from ._in_silico import in_silico_delete, in_silico_overexpress
 from ._pretrain import pretrain
 
-__all__ = ["embed", "in_silico_delete", "in_silico_overexpress", "pretrain"]
+__all__ = [
+    "embed",
+    "finetune",
+    "in_silico_delete",
+    "in_silico_overexpress",
+    "predict",
+    "pretrain",
+]

@@ -1,0 +1,440 @@
+"""Cell and gene classifiers on the Geneformer encoder, in transformers' BERT classifier layout.
+
+A cell classifier is ``BertForSequenceClassification``: the encoder, BERT's pooler (dense +
+tanh on the hidden state at position 0) and dropout + a linear layer. A gene classifier is
+``BertForTokenClassification``: the encoder and dropout + a linear layer on every token's last
+hidden state. Parameter names on disk are transformers' (``bert.*``, ``bert.pooler.dense.*``,
+``classifier.*``), so official fine-tuned Geneformer classifiers load here and the classifiers
+saved here load in transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._version import __version__
+from ..vocab import Vocabulary
+from . import checkpoint as ckpt
+from .encoder import init_weights
+from .geneformer import Geneformer, TensorLike
+
+Task = Literal["cell", "gene"]
+ARCHITECTURES: dict[str, str] = {
+    "cell": "BertForSequenceClassification",
+    "gene": "BertForTokenClassification",
+}
+METADATA_FORMAT = "scgeneformer-classifier"
+_ENCODER_PREFIX = "bert."
+_POOLER_PREFIX = "bert.pooler.dense."
+_HEAD_PREFIX = "classifier."
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: a dense layer and tanh on one hidden state per cell."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, first: torch.Tensor) -> torch.Tensor:
+        """Pool ``(cells, hidden)`` states of each cell's first token."""
+        return torch.tanh(self.dense(first))
+
+
+class GeneformerClassifier(nn.Module):
+    """A Geneformer encoder with a cell (sequence) or gene (token) classification head.
+
+    Build one with :meth:`from_encoder` (a copy of a pretrained model and a fresh head, what
+    :func:`scgeneformer.tl.finetune` does) or :meth:`from_pretrained` (a saved or official
+    fine-tuned folder); save it with :meth:`save`.
+
+    The cell head mirrors ``BertForSequenceClassification`` exactly: the pooler reads the hidden
+    state at **position 0** of each cell. With a V2-style vocabulary that is ``<cls>``; with a
+    V1-style vocabulary (no ``<cls>``, as the official V1 classifiers) it is the cell's
+    top-ranked gene, whose state has attended to the whole cell. That is what the official
+    classifiers were trained with, so it is kept for them to predict as they do in
+    transformers.
+
+    Parameters
+    ----------
+    encoder
+        The encoder, used as it is (not copied). Its MLM head, if any, is not part of the
+        classifier and is never saved with it.
+    classes
+        Class names, in the order of the logits.
+    task
+        ``"cell"`` (one prediction per cell) or ``"gene"`` (one per token).
+    classifier_dropout
+        Dropout before the linear layer; None uses the encoder's ``hidden_dropout_prob``, as
+        transformers does.
+    label_key
+        Name of the labels the classifier was trained on (used as the default result key).
+
+    Attributes
+    ----------
+    encoder
+        The :class:`~scgeneformer.Geneformer`.
+    pooler
+        :class:`Pooler` for cell classifiers, None for gene classifiers.
+    classifier
+        The linear layer ``hidden -> n_classes``.
+    history
+        Per-epoch training history (see :func:`scgeneformer.tl.finetune`), empty if unknown.
+    training_args
+        JSON-serialisable dict saved with the classifier.
+
+    Examples
+    --------
+    >>> import scgeneformer as sgf, torch
+    >>> from scgeneformer.model.classifier import GeneformerClassifier
+    >>> genes = [f"ENSG{i:011d}" for i in range(50)]
+    >>> vocab = sgf.Vocabulary({g: i + 2 for i, g in enumerate(genes)}, dict.fromkeys(genes, 1.0))
+    >>> model = sgf.Geneformer.from_config("V1-10M", vocab, num_hidden_layers=2, random_state=0)
+    >>> clf = GeneformerClassifier.from_encoder(model, ["healthy", "disease"], random_state=0)
+    >>> clf.eval()(torch.tensor([[5, 9, 3, 0], [7, 2, 8, 11]])).shape
+    torch.Size([2, 2])
+    """
+
+    def __init__(
+        self,
+        encoder: Geneformer,
+        classes: Sequence[str],
+        *,
+        task: Task = "cell",
+        classifier_dropout: float | None = None,
+        label_key: str | None = None,
+    ) -> None:
+        super().__init__()
+        if task not in ARCHITECTURES:
+            raise ValueError(f"task must be one of {list(ARCHITECTURES)}, got {task!r}.")
+        classes = [str(c) for c in classes]
+        if len(classes) < 2 or len(set(classes)) != len(classes):
+            raise ValueError(f"A classifier needs at least two distinct classes, got {classes}.")
+        hidden = encoder.hidden_size
+        self.encoder = encoder
+        self.task: Task = task
+        self.classes = classes
+        self.label_key = label_key
+        self.classifier_dropout = classifier_dropout
+        self.pooler = Pooler(hidden) if task == "cell" else None
+        self.dropout = nn.Dropout(
+            encoder.config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
+        )
+        self.classifier = nn.Linear(hidden, len(classes))
+        self.history: dict[str, list[Any]] = {}
+        self.training_args: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_encoder(
+        cls,
+        model: Geneformer,
+        classes: Sequence[str],
+        *,
+        task: Task = "cell",
+        label_key: str | None = None,
+        random_state: int | None = None,
+    ) -> GeneformerClassifier:
+        """Build a new classifier: a copy of ``model``'s encoder and a freshly initialised head.
+
+        ``model`` itself is left untouched (fine-tuning changes the copy only); the copy has no
+        MLM head. The head is initialised as transformers does (normal with the config's
+        ``initializer_range``, zero biases).
+
+        Parameters
+        ----------
+        model
+            A pretrained (or fresh) :class:`~scgeneformer.Geneformer`.
+        classes
+            Class names.
+        task
+            ``"cell"`` or ``"gene"``.
+        label_key
+            Name of the labels (recorded).
+        random_state
+            Seed for the head's initial weights.
+
+        Returns
+        -------
+        The classifier, on the encoder's device, in training mode.
+
+        Examples
+        --------
+        >>> clf = GeneformerClassifier.from_encoder(model, ["T", "B", "NK"], random_state=0)
+        >>> clf.n_classes
+        3
+        """
+        # Share the vocabulary instead of copying it: it is immutable and can be large.
+        encoder = copy.deepcopy(model, memo={id(model.vocab): model.vocab})
+        encoder.cls = None
+        clf = cls(encoder, classes, task=task, label_key=label_key)
+        generator = None if random_state is None else torch.Generator().manual_seed(random_state)
+        heads = [m for m in (clf.pooler, clf.classifier) if m is not None]
+        for head in heads:
+            init_weights(head, model.config.initializer_range, generator)
+        return clf.to(model.device).train()
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike, vocab: Vocabulary | None = None
+    ) -> GeneformerClassifier:
+        """Load a classifier folder in the transformers layout.
+
+        Reads folders written by :meth:`save` and by transformers'
+        ``BertForSequenceClassification`` / ``BertForTokenClassification.save_pretrained``
+        (official fine-tuned Geneformer classifiers among them; ``model.safetensors`` or
+        ``pytorch_model.bin``). Class names come from ``id2label``.
+
+        Parameters
+        ----------
+        folder
+            The checkpoint folder.
+        vocab
+            The vocabulary, when the folder holds none (official classifiers ship without
+            one: pass the vocabulary of the model they were fine-tuned from).
+
+        Returns
+        -------
+        The classifier, float32 on the CPU, in evaluation mode.
+
+        Examples
+        --------
+        >>> clf = GeneformerClassifier.from_pretrained("my_classifier")  # doctest: +SKIP
+        """
+        encoder = Geneformer.from_pretrained(folder, vocab)  # checks config, vocabulary, encoder
+        folder = Path(folder)
+        config = ckpt.read_json(folder / ckpt.CONFIG_NAME, "Model config")
+        architectures = list(config.get("architectures") or [])
+        task = next((t for t, a in ARCHITECTURES.items() if a in architectures), None)
+        if task is None:
+            raise ValueError(
+                f"The checkpoint in {str(folder)!r} is a {architectures or 'BERT model'}, not a "
+                f"classifier ({' or '.join(ARCHITECTURES.values())}). Load it with "
+                "sgf.Geneformer.from_pretrained and fine-tune it with sgf.tl.finetune."
+            )
+        problem_type = config.get("problem_type")
+        if problem_type not in (None, "single_label_classification"):
+            raise ValueError(
+                f"The classifier in {str(folder)!r} has problem_type={problem_type!r}; only "
+                "single-label classification is supported."
+            )
+        classes = _classes_from_config(config)
+        metadata_path = folder / ckpt.METADATA_NAME
+        metadata = ckpt.read_json(metadata_path, "Metadata") if metadata_path.is_file() else {}
+        clf = cls(
+            encoder,
+            classes,
+            task=task,
+            classifier_dropout=config.get("classifier_dropout"),
+            label_key=metadata.get("label_key"),
+        )
+        # The encoder loader skips the heads; read them from the same file.
+        raw, weights_path = ckpt.read_weights(folder)
+        clf._load_heads(raw, str(weights_path))
+        clf.history = dict(metadata.get("history") or {})
+        clf.training_args = dict(metadata.get("training_args") or {})
+        return clf.float().eval()
+
+    def _head_modules(self) -> dict[str, nn.Module]:
+        heads: dict[str, nn.Module] = {_HEAD_PREFIX: self.classifier}
+        if self.pooler is not None:
+            heads[_POOLER_PREFIX] = self.pooler.dense
+        return heads
+
+    def _load_heads(self, raw: Mapping[str, torch.Tensor], source: str) -> None:
+        for prefix, module in self._head_modules().items():
+            for name, param in module.named_parameters():
+                key = prefix + name
+                if key not in raw:
+                    raise ValueError(
+                        f"Checkpoint {source!r} has no {key}: it is not a complete "
+                        f"{ARCHITECTURES[self.task]}."
+                    )
+                if raw[key].shape != param.shape:
+                    raise ValueError(
+                        f"Checkpoint {source!r}: {key} has shape {tuple(raw[key].shape)}, but "
+                        f"config.json implies {tuple(param.shape)} ({self.n_classes} classes "
+                        f"in id2label, hidden size {self.encoder.hidden_size})."
+                    )
+                with torch.no_grad():
+                    param.copy_(raw[key])
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the classifier as a transformers folder, atomically.
+
+        ``config.json`` (architecture ``BertForSequenceClassification`` or
+        ``BertForTokenClassification``, ``id2label``, ``label2id``, ``num_labels``,
+        ``problem_type``), ``model.safetensors`` (``bert.*``, ``bert.pooler.dense.*``,
+        ``classifier.*``), ``vocab.json`` and ``scgeneformer.json`` (vocabulary sha256, task,
+        label key, training history and arguments). The folder loads with
+        :meth:`from_pretrained` and with transformers' class of the same name.
+
+        Parameters
+        ----------
+        folder
+            Target folder; created, or updated in place when it exists.
+
+        Returns
+        -------
+        The folder.
+
+        Examples
+        --------
+        >>> clf.save("my_classifier")  # doctest: +SKIP
+        """
+        state = {_ENCODER_PREFIX + k: v for k, v in self.encoder.bert.state_dict().items()}
+        for prefix, module in self._head_modules().items():
+            state.update({prefix + k: v for k, v in module.state_dict().items()})
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        config = self.encoder.config.to_hf_dict(architecture=ARCHITECTURES[self.task])
+        config.update(
+            id2label={str(i): c for i, c in enumerate(self.classes)},
+            label2id={c: i for i, c in enumerate(self.classes)},
+            num_labels=self.n_classes,
+            problem_type="single_label_classification",
+            classifier_dropout=self.classifier_dropout,
+        )
+        metadata = {
+            "format": METADATA_FORMAT,
+            "format_version": 1,
+            "scgeneformer_version": __version__,
+            "task": self.task,
+            "label_key": self.label_key,
+            "classes": self.classes,
+            "preset": self.encoder.preset,
+            "vocabulary_name": self.vocab.name,
+            "vocabulary_sha256": self.vocab.sha256,
+            "history": self.history,
+            "training_args": self.training_args,
+        }
+        try:
+            json.dumps(metadata)
+        except TypeError as err:
+            raise TypeError(f"history and training_args must be JSON-serialisable: {err}") from err
+        return ckpt.write_checkpoint(folder, config, state, self.vocab, metadata)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab(self) -> Vocabulary:
+        """The encoder's vocabulary."""
+        return self.encoder.vocab
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return self.classifier.weight.device
+
+    def extra_repr(self) -> str:
+        """Summarise task and classes in the module's repr."""
+        shown = ", ".join(self.classes[:5]) + (", …" if self.n_classes > 5 else "")
+        return f"task={self.task!r}, classes=[{shown}] ({self.n_classes})"
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: TensorLike,
+        attention_mask: TensorLike | None = None,
+        *,
+        cu_seqlens: TensorLike | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """Class logits of padded or packed cells.
+
+        Parameters
+        ----------
+        input_ids
+            Padded ``(cells, length)`` token ids, or packed ``(total_tokens,)`` ones when
+            ``cu_seqlens`` is given (see :func:`scgeneformer.data.pack_tokens`).
+        attention_mask
+            Padded layout only: True/1 for real tokens (default: every non-``<pad>``).
+        cu_seqlens, max_seqlen
+            Packed layout: offsets of the cells and the longest length.
+
+        Returns
+        -------
+        Cell task: ``(cells, n_classes)``. Gene task: ``(cells, length, n_classes)`` padded,
+        ``(total_tokens, n_classes)`` packed.
+
+        Examples
+        --------
+        >>> clf(torch.tensor([[5, 9, 3, 0]])).shape
+        torch.Size([1, 2])
+        """
+        if cu_seqlens is None:
+            hidden = self.encoder.hidden_states(input_ids, attention_mask)
+            first = hidden[:, 0]
+        else:
+            if max_seqlen is None:
+                raise ValueError("Packed input (cu_seqlens) needs max_seqlen.")
+            hidden = self.encoder.hidden_states_packed(input_ids, cu_seqlens, max_seqlen)
+            first = hidden[torch.as_tensor(cu_seqlens, device=hidden.device)[:-1].long()]
+        if self.pooler is None:
+            return self.classifier(self.dropout(hidden))
+        return self.classifier(self.dropout(self.pooler(first)))
+
+    def freeze_layers(self, n_layers: int) -> None:
+        """Stop training the first ``n_layers`` transformer layers, as Geneformer does.
+
+        Geneformer's classifiers freeze ``bert.encoder.layer[:n_layers]`` and nothing else (the
+        embeddings keep training); so does this. 0 unfreezes every layer.
+
+        Examples
+        --------
+        >>> clf.freeze_layers(1)
+        >>> clf.encoder.bert.encoder.layer[0].output.dense.weight.requires_grad
+        False
+        """
+        n_layers = check_freeze_layers(n_layers, self.encoder.num_layers)
+        for index, layer in enumerate(self.encoder.bert.encoder.layer):
+            layer.requires_grad_(index >= n_layers)
+
+
+def check_freeze_layers(n_layers: int, num_layers: int) -> int:
+    """Return ``n_layers`` as an int if it is a valid number of layers to freeze, else raise.
+
+    Examples
+    --------
+    >>> check_freeze_layers(2, 6)
+    2
+    """
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int | np.integer):
+        raise TypeError(f"freeze_layers must be an integer, got {n_layers!r}.")
+    if not 0 <= n_layers <= num_layers:
+        raise ValueError(
+            f"freeze_layers must be in [0, {num_layers}] for a {num_layers}-layer model, got "
+            f"{n_layers}."
+        )
+    return int(n_layers)
+
+
+def _classes_from_config(config: Mapping[str, Any]) -> list[str]:
+    """Class names in logit order from ``id2label``, or transformers' defaults."""
+    id2label = config.get("id2label")
+    if not id2label:
+        return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]
+    try:
+        by_id = {int(k): str(v) for k, v in id2label.items()}
+    except ValueError as err:
+        raise ValueError(f"config.json id2label has non-integer ids: {list(id2label)}.") from err
+    if sorted(by_id) != list(range(len(by_id))):
+        raise ValueError(
+            f"config.json id2label must number the classes 0..n-1, got {sorted(by_id)}."
+        )
+    return [by_id[i] for i in range(len(by_id))]
+
+
+__all__ = ["ARCHITECTURES", "GeneformerClassifier", "Pooler", "check_freeze_layers"]
