@@ -240,3 +240,93 @@ def test_ranking_plots_show_the_top_genes(states_data, tmp_path):
     assert ax.get_ylabel() == "-log10 FDR"
     with pytest.raises(KeyError, match=r"run sgf\.tl\.in_silico_delete"):
         sgf.pl.deletion_ranking(adata, key="nothing", show=False)
+
+
+def _auroc(truth, scores) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(truth, scores))
+
+
+def test_synthetic_drivers_are_recovered_after_fine_tuning():
+    """Fine-tune a state classifier from scratch, then delete from disease toward healthy.
+
+    Measured (1,000 cells, 30 deleted): drivers vs neutral genes AUROC 0.98 by mean shift and
+    1.00 by rank-adjusted z-score; all state genes (drivers and targets) 0.86 and 0.97.
+    """
+    adata = sgf.datasets.synthetic_states(n_cells=800, random_state=0)
+    vocab = sgf.Vocabulary.build(adata, max_length=256)
+    model = sgf.Geneformer.from_config(
+        "V1-10M", vocab, random_state=0, **dict(TINY, hidden_size=64, intermediate_size=128)
+    )
+    clf = sgf.tl.finetune(
+        adata,
+        model,
+        label_key="state",
+        epochs=6,
+        lr=1e-3,
+        batch_tokens=8192,
+        baseline=False,
+        early_stopping_patience=None,
+    )
+    assert adata.uns["state_finetune"]["accuracy"] > 0.85
+    sgf.tl.in_silico_delete(
+        adata,
+        clf.encoder,
+        state_key="state",
+        start_state="disease",
+        goal_state="healthy",
+        max_cells=24,
+        layer=0,
+    )
+    var = adata.var[adata.var["in_silico_delete_n_cells"] >= 3]
+    roles = var["gene_role"].isin(["driver", "neutral"])
+    drivers = var["gene_role"][roles] == "driver"
+    assert _auroc(drivers, var["in_silico_delete_shift"][roles]) >= 0.9
+    assert _auroc(drivers, var["in_silico_delete_zscore"][roles]) >= 0.9
+    assert _auroc(var["is_state_gene"], var["in_silico_delete_zscore"]) >= 0.9
+
+
+ISGS = ["ISG15", "IFI6", "IFIT1", "IFIT3", "MX1", "ISG20", "IFITM3"]
+
+
+def test_kang_interferon_genes_lead_the_stimulated_to_control_deletion():
+    """Kang 2018: delete genes in IFN-beta stimulated cells, toward control cells."""
+    import anndata as ad
+
+    from .conftest import shared_file
+
+    adata = ad.read_h5ad(shared_file("data", "kang2018_ifnb", "kang2018_harmony_ctrl_stim.h5ad"))
+    vocab = sgf.Vocabulary.build(adata, max_length=256, min_cells=10, name="kang")
+    model = sgf.Geneformer.from_config(
+        "V1-10M", vocab, random_state=0, **dict(TINY, hidden_size=64, intermediate_size=128)
+    )
+    clf = sgf.tl.finetune(
+        adata,
+        model,
+        label_key="condition",
+        epochs=4,
+        lr=1e-3,
+        batch_tokens=8192,
+        baseline=False,
+        early_stopping_patience=None,
+    )
+    sgf.tl.in_silico_delete(
+        adata,
+        clf.encoder,
+        state_key="condition",
+        start_state="stim",
+        goal_state="ctrl",
+        max_cells=30,
+        layer=0,
+    )
+    var = adata.var[adata.var["in_silico_delete_n_cells"] >= 5]
+    isg = var.index.isin(ISGS)
+    percentile = {
+        col: var[f"in_silico_delete_{col}"].rank(pct=True)[isg] for col in ("shift", "zscore")
+    }
+    auroc = {col: _auroc(isg, var[f"in_silico_delete_{col}"]) for col in ("shift", "zscore")}
+    print("ISG percentiles", {k: v.round(3).to_dict() for k, v in percentile.items()}, auroc)
+    assert isg.sum() >= 6
+    assert percentile["zscore"].min() >= 0.9  # every ISG in the top decile
+    assert auroc["zscore"] >= 0.85
