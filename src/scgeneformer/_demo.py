@@ -39,12 +39,12 @@ class DemoConfig:
     start: str = "disease"
     goal: str = "healthy"
     n_cells: int = 2000
-    max_length: int = 512
-    layers: int = 3
-    hidden: int = 128
+    max_length: int = 256
+    layers: int = 2
+    hidden: int = 64
     pretrain_steps: int = 300
-    finetune_epochs: int = 3
-    deletion_cells: int = 60
+    finetune_epochs: int = 6
+    deletion_cells: int = 40
     seed: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -120,7 +120,7 @@ def run_demo(config: DemoConfig) -> dict:
         vocab,
         num_hidden_layers=config.layers,
         hidden_size=config.hidden,
-        num_attention_heads=config.hidden // 32,
+        num_attention_heads=max(config.hidden // 32, 1),
         intermediate_size=2 * config.hidden,
         max_position_embeddings=config.max_length,
         random_state=config.seed,
@@ -159,7 +159,8 @@ def run_demo(config: DemoConfig) -> dict:
         label_key=config.state_key,
         group_key=group_key,
         epochs=config.finetune_epochs,
-        lr=5e-4,
+        lr=1e-3,
+        batch_tokens=8192,
         random_state=config.seed,
     )
     confusion_matrix(adata, config.state_key, show=False)

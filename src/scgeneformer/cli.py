@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--goal", default="healthy", help="state to move toward")
     demo.add_argument("--n-cells", type=int, default=2000, help="synthetic cells")
     demo.add_argument("--pretrain-steps", type=int, default=300)
-    demo.add_argument("--finetune-epochs", type=int, default=3)
-    demo.add_argument("--deletion-cells", type=int, default=60)
+    demo.add_argument("--finetune-epochs", type=int, default=6)
+    demo.add_argument("--deletion-cells", type=int, default=40)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 
