@@ -248,6 +248,33 @@ def _auroc(truth, scores) -> float:
     return float(roc_auc_score(truth, scores))
 
 
+def fine_tuned_deletion(adata, state_key, start, goal, *, epochs, max_cells):
+    """Fine-tune a small state classifier from scratch, then delete from start toward goal."""
+    vocab = sgf.Vocabulary.build(adata, max_length=256, min_cells=10)
+    model = sgf.Geneformer.from_config(
+        "V1-10M", vocab, random_state=0, **dict(TINY, hidden_size=64, intermediate_size=128)
+    )
+    clf = sgf.tl.finetune(
+        adata,
+        model,
+        label_key=state_key,
+        epochs=epochs,
+        lr=1e-3,
+        batch_tokens=8192,
+        baseline=False,
+        early_stopping_patience=None,
+    )
+    sgf.tl.in_silico_delete(
+        adata,
+        clf.encoder,
+        state_key=state_key,
+        start_state=start,
+        goal_state=goal,
+        max_cells=max_cells,
+        layer=0,
+    )
+
+
 def test_synthetic_drivers_are_recovered_after_fine_tuning():
     """Fine-tune a state classifier from scratch, then delete from disease toward healthy.
 
@@ -255,30 +282,8 @@ def test_synthetic_drivers_are_recovered_after_fine_tuning():
     1.00 by rank-adjusted z-score; all state genes (drivers and targets) 0.86 and 0.97.
     """
     adata = sgf.datasets.synthetic_states(n_cells=800, random_state=0)
-    vocab = sgf.Vocabulary.build(adata, max_length=256)
-    model = sgf.Geneformer.from_config(
-        "V1-10M", vocab, random_state=0, **dict(TINY, hidden_size=64, intermediate_size=128)
-    )
-    clf = sgf.tl.finetune(
-        adata,
-        model,
-        label_key="state",
-        epochs=6,
-        lr=1e-3,
-        batch_tokens=8192,
-        baseline=False,
-        early_stopping_patience=None,
-    )
+    fine_tuned_deletion(adata, "state", "disease", "healthy", epochs=6, max_cells=24)
     assert adata.uns["state_finetune"]["accuracy"] > 0.85
-    sgf.tl.in_silico_delete(
-        adata,
-        clf.encoder,
-        state_key="state",
-        start_state="disease",
-        goal_state="healthy",
-        max_cells=24,
-        layer=0,
-    )
     var = adata.var[adata.var["in_silico_delete_n_cells"] >= 3]
     roles = var["gene_role"].isin(["driver", "neutral"])
     drivers = var["gene_role"][roles] == "driver"
@@ -297,29 +302,7 @@ def test_kang_interferon_genes_lead_the_stimulated_to_control_deletion():
     from .conftest import shared_file
 
     adata = ad.read_h5ad(shared_file("data", "kang2018_ifnb", "kang2018_harmony_ctrl_stim.h5ad"))
-    vocab = sgf.Vocabulary.build(adata, max_length=256, min_cells=10, name="kang")
-    model = sgf.Geneformer.from_config(
-        "V1-10M", vocab, random_state=0, **dict(TINY, hidden_size=64, intermediate_size=128)
-    )
-    clf = sgf.tl.finetune(
-        adata,
-        model,
-        label_key="condition",
-        epochs=4,
-        lr=1e-3,
-        batch_tokens=8192,
-        baseline=False,
-        early_stopping_patience=None,
-    )
-    sgf.tl.in_silico_delete(
-        adata,
-        clf.encoder,
-        state_key="condition",
-        start_state="stim",
-        goal_state="ctrl",
-        max_cells=30,
-        layer=0,
-    )
+    fine_tuned_deletion(adata, "condition", "stim", "ctrl", epochs=4, max_cells=30)
     var = adata.var[adata.var["in_silico_delete_n_cells"] >= 5]
     isg = var.index.isin(ISGS)
     percentile = {
