@@ -22,6 +22,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from .._settings import settings
+from ..data.distributed import setup_distributed
 from ..model import Geneformer
 from ._inference import check_pooling, encode_cells, hidden_layer_index, inference_on
 from ._perturb_stats import gene_statistics
@@ -245,6 +246,9 @@ def _screen(
 
     target = adata.copy() if copy else adata
     device_, dtype_ = resolve_device_dtype(device, dtype)
+    # Under torchrun each process screens its own share of the cells; all get every result.
+    ctx = setup_distributed(device_)
+    device_ = ctx.device
     tokens, n_tokens = cell_tokens(target, model)
     budget = batch_tokens or settings.token_budget
     if state_key is None:
@@ -324,18 +328,23 @@ def _screen(
         return target if copy else None
 
     screen = _Screen(mode, targets, listed)
-    table = _run_screen(
-        model,
-        tokens,
-        n_tokens,
-        start,
-        screen,
-        layer_index=layer_index,
-        pooling=pooling,
-        device=device_,
-        dtype=dtype_,
-        token_budget=budget,
-    )
+    try:
+        table = _run_screen(
+            model,
+            tokens,
+            n_tokens,
+            start[ctx.rank :: ctx.world_size],
+            screen,
+            layer_index=layer_index,
+            pooling=pooling,
+            device=device_,
+            dtype=dtype_,
+            token_budget=budget,
+        )
+        table = pd.concat(ctx.gather(table), ignore_index=True)
+    finally:
+        ctx.close()
+    params["n_processes"] = ctx.world_size
     main = "score_goal" if targets else "score_magnitude"
     result = gene_statistics(
         table["cell"].to_numpy(),

@@ -1,0 +1,88 @@
+"""In silico deletion under torchrun: two gloo processes share the cells, results unchanged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scgeneformer as sgf
+
+from .test_in_silico import TINY
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import anndata as ad
+    import torch
+    import scgeneformer as sgf
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        sgf.settings.progress = False
+        adata = ad.read_h5ad(sys.argv[1])
+        model = sgf.Geneformer.from_pretrained(sys.argv[2])
+        sgf.tl.in_silico_delete(
+            adata, model, state_key="state", start_state="disease", goal_state="healthy",
+            max_cells=8, min_cells=1,
+        )
+        columns = [c for c in adata.var.columns if c.startswith("in_silico_delete")]
+        out = os.path.join(sys.argv[3], f"rank{os.environ['RANK']}.csv")
+        adata.var[columns].to_csv(out)
+        print("processes", adata.uns["in_silico_delete"]["n_processes"])
+    """
+)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch has no distributed")
+def test_two_processes_give_the_one_process_screen(tmp_path):
+    adata = sgf.datasets.synthetic_states(n_cells=80, n_genes=120, random_state=4)
+    vocab = sgf.Vocabulary.build(adata, max_length=256)
+    model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **TINY)
+    sgf.pp.rank_tokenize(adata, vocab)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    model.save(tmp_path / "model")
+    (tmp_path / "run.py").write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        str(tmp_path / "run.py"),
+        str(tmp_path / "cells.h5ad"),
+        str(tmp_path / "model"),
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("processes 2") == 2
+    sgf.tl.in_silico_delete(
+        adata,
+        model,
+        state_key="state",
+        start_state="disease",
+        goal_state="healthy",
+        max_cells=8,
+        min_cells=1,
+    )
+    columns = [c for c in adata.var.columns if c.startswith("in_silico_delete")]
+    for rank in (0, 1):
+        shared = pd.read_csv(tmp_path / f"rank{rank}.csv", index_col=0)
+        for column in columns:
+            np.testing.assert_allclose(
+                shared[column].to_numpy(dtype=float),
+                adata.var[column].to_numpy(dtype=float),
+                rtol=1e-5,
+                atol=1e-7,
+                equal_nan=True,
+            )
