@@ -1,0 +1,303 @@
+"""The tutorials' code paths at reduced size, their stored notebooks, and the API page's coverage.
+
+Each test replays the calls of one tutorial (tutorials/01, 03, 04) on tiny data and checks what
+they produce; the notebooks themselves are not executed here (they are stored with outputs).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+
+import scgeneformer as sgf
+from scgeneformer.cli import main as cli_main
+from scgeneformer.data import TokenStore, build_token_store
+
+from .conftest import shared_file
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ("01_quickstart.ipynb", "03_official_checkpoints.ipynb", "04_pretraining_corpus.ipynb")
+TINY = dict(
+    num_hidden_layers=2,
+    hidden_size=32,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+
+
+def knn_accuracy(embedding: np.ndarray, labels) -> float:
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return float(cross_val_score(KNeighborsClassifier(10), embedding, labels, cv=3).mean())
+
+
+# ------------------------------------------------------------------ 01: quick start
+@pytest.mark.parametrize("source", ["synthetic", "pbmc3k"])
+def test_quickstart_chain(source, tmp_path):
+    if source == "pbmc3k":
+        import anndata as ad
+
+        path = shared_file("data", "pbmc3k", "pbmc3k_labelled_counts.h5ad")
+        adata = ad.read_h5ad(path)[::8].copy()  # 330 cells of all types
+        min_cells = 20
+    else:  # the notebook's fallback when ../shared is absent
+        adata = sgf.datasets.synthetic_states(n_cells=300, n_genes=200, n_cell_types=3)
+        min_cells = 5
+    n_obs = adata.n_obs
+
+    vocab = sgf.Vocabulary.build(adata, min_cells=min_cells, max_length=64, name=source)
+    expect_warning = source == "pbmc3k"  # genes seen in fewer than min_cells cells are left out
+    with (
+        pytest.warns(UserWarning, match="match the vocabulary")
+        if expect_warning
+        else contextlib.nullcontext()
+    ):
+        sgf.pp.rank_tokenize(adata, vocab)
+    tokens = adata.obsm["geneformer_tokens"]
+    assert tokens.shape == (n_obs, 64)
+    assert (tokens[:, 0] == vocab.cls_id).all()
+    assert adata.obs["geneformer_n_tokens"].between(3, 64).all()
+    # The notebook's table: the first tokens of a cell, as gene symbols.
+    symbol = dict(zip(adata.var_names, adata.var["gene_symbol"], strict=True))
+    first_genes = [symbol[g] for g in vocab.gene_by_token[tokens[0, 1:6]]]
+    assert len(first_genes) == 5 and all(first_genes)
+
+    untrained = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **TINY)
+    sgf.tl.embed(adata, untrained, key_added="X_random_weights")
+    model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **TINY)
+    for key, value in model.state_dict().items():  # the same seed gives the same weights
+        assert torch.equal(value, untrained.state_dict()[key]), key
+
+    model = sgf.tl.pretrain(
+        adata,
+        model,
+        output_dir=tmp_path / "run",
+        max_steps=30,
+        warmup_steps=3,
+        lr=4e-3,
+        token_budget=1024,
+        save_every=15,
+        log_every=5,
+        random_state=0,
+    )
+    history = model.training_args["history"]
+    losses = [entry["loss"] for entry in history["train"]]
+    assert [entry["step"] for entry in history["train"]] == [5, 10, 15, 20, 25, 30]
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-2:]) < losses[0]
+    assert [entry["step"] for entry in history["eval"]] == [15, 30]
+    assert all(0 <= entry["accuracy"] <= 1 for entry in history["eval"])
+    ax = sgf.pl.loss_curve(model, show=False)
+    assert ax.get_xlabel() == "step"
+    plt.close("all")
+
+    sgf.tl.embed(adata, model)
+    embedding = adata.obsm["X_geneformer"]
+    assert embedding.shape == (n_obs, TINY["hidden_size"])
+    assert np.isfinite(embedding).all()
+    assert not np.allclose(embedding, adata.obsm["X_random_weights"])
+    sc.pp.neighbors(adata, use_rep="X_geneformer", random_state=0)
+    sc.tl.umap(adata, random_state=0)
+    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=0)
+    assert adata.obsm["X_umap"].shape == (n_obs, 2)
+    assert adata.obs["leiden"].nunique() >= 2
+    axes = sc.pl.umap(adata, color=["cell_type", "leiden"], show=False)
+    assert len(axes) == 2
+    plt.close("all")
+
+    # The comparison with PCA of log-normalised counts.
+    baseline = adata.copy()
+    sc.pp.normalize_total(baseline, target_sum=1e4)
+    sc.pp.log1p(baseline)
+    sc.pp.pca(baseline, n_comps=20, random_state=0)
+    for rep in (baseline.obsm["X_pca"], embedding, adata.obsm["X_random_weights"]):
+        assert 0.0 <= knn_accuracy(rep, adata.obs["cell_type"]) <= 1.0
+
+
+# ------------------------------------------------------------------ 03: official checkpoints
+def test_official_dictionaries_and_checkpoint_folder(pbmc3k, tmp_path):
+    ref = shared_file("geneformer_ref")
+    kinds = ("token_dictionary", "gene_median_dictionary", "ensembl_mapping_dict")
+    v1_files = [ref / f"{kind}_gc30M.pkl" for kind in kinds]
+    v2_files = [ref / f"{kind}_gc95M.pkl" for kind in kinds]
+    vocab_v1 = sgf.Vocabulary.from_geneformer(*v1_files)
+    vocab_v2 = sgf.Vocabulary.from_geneformer(*v2_files)
+    assert vocab_v1.special_tokens == {"<pad>": 0, "<mask>": 1}
+    assert vocab_v2.special_tokens == {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
+
+    adata = pbmc3k[:40].copy()
+    pbmc_v1 = sgf.pp.rank_tokenize(adata, vocab_v1, copy=True)
+    with pytest.warns(UserWarning, match="summed"):  # retired IDs merge into current ones
+        pbmc_v2 = sgf.pp.rank_tokenize(adata, vocab_v2, copy=True)
+    assert "geneformer_tokens" not in adata.obsm  # copy=True leaves the input alone
+    assert pbmc_v1.uns["geneformer"]["n_genes_mapped"] == 20_331
+    v2_tokens = pbmc_v2.obsm["geneformer_tokens"]
+    v2_lengths = pbmc_v2.obs["geneformer_n_tokens"].to_numpy()
+    assert (v2_tokens[:, 0] == 2).all()
+    assert (v2_tokens[np.arange(len(v2_tokens)), v2_lengths - 1] == 3).all()
+    assert not np.isin(pbmc_v1.obsm["geneformer_tokens"], [2, 3]).all(axis=1).any()
+
+    # A folder in the official layout: config.json, model.safetensors, the three dictionaries.
+    random_model = sgf.Geneformer.from_config(
+        "V1-10M", vocab_v1, num_hidden_layers=2, random_state=0
+    )
+    random_model.save(tmp_path / "saved")
+    folder = tmp_path / "Geneformer-V1-10M"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "saved" / name, folder / name)
+    for path in v1_files:
+        shutil.copy(path, folder / path.name)
+    model = sgf.Geneformer.from_pretrained(folder)
+    assert model.vocab == vocab_v1
+    assert model.num_layers == 2 and model.hidden_size == 256
+    reference = random_model.state_dict()
+    assert reference.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+    # Geneformer's emb_layer is layer=: hidden_states[num_layers + layer], mean over genes.
+    subset = pbmc_v1[:6].copy()
+    sgf.tl.embed(subset, model)
+    sgf.tl.embed(subset, model, layer=0, key_added="X_geneformer_last")
+    assert subset.uns["X_geneformer"]["layer"] == -1
+    ids = torch.as_tensor(subset.obsm["geneformer_tokens"][:3].astype(np.int64))
+    genes = (ids != 0).unsqueeze(-1)
+    with torch.no_grad():
+        for layer, key in ((-1, "X_geneformer"), (0, "X_geneformer_last")):
+            states = model.hidden_states(ids, layer=model.num_layers + layer)
+            mean = ((states * genes).sum(1) / genes.sum(1)).numpy()
+            np.testing.assert_allclose(mean, subset.obsm[key][:3], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(subset.obsm["X_geneformer"], subset.obsm["X_geneformer_last"])
+
+    # Tokens of another vocabulary are refused, and the AnnData is left as it was.
+    refused = pbmc_v2[:3].copy()
+    with pytest.raises(ValueError, match="vocabular"):
+        sgf.tl.embed(refused, model)
+    assert "X_geneformer" not in refused.obsm
+
+
+# ------------------------------------------------------------------ 04: corpus and command line
+CONFIG = """
+data = "token_store"
+output_dir = "runs/toy"
+
+[model]
+preset = "V1-10M"
+vocabulary = "vocab.json"
+random_state = 0
+
+[model.overrides]
+num_hidden_layers = 2
+hidden_size = 32
+num_attention_heads = 2
+intermediate_size = 64
+max_position_embeddings = 64
+
+[training]
+max_steps = 6
+warmup_steps = 2
+lr = 2e-3
+token_budget = 512
+save_every = 3
+log_every = 1
+eval_fraction = 0.1
+progress = false
+"""
+
+
+def test_corpus_token_store_config_and_resume(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    paths = []
+    for i, n_cells in enumerate((60, 40, 50)):
+        path = corpus / f"sample_{i}.h5ad"
+        sgf.datasets.synthetic_states(n_cells=n_cells, n_genes=150, random_state=i).write_h5ad(path)
+        paths.append(path)
+    vocab = sgf.Vocabulary.build(paths, max_length=64, name="toy-corpus")
+    vocab.save(tmp_path / "vocab.json")
+
+    built = build_token_store(
+        paths, vocab, tmp_path / "token_store", obs_keys=["state", "cell_type"]
+    )
+    store = TokenStore(tmp_path / "token_store")
+    assert len(built) == len(store) == 150
+    manifest = json.loads((tmp_path / "token_store" / "manifest.json").read_text())
+    assert [shard["n_cells"] for shard in manifest["shards"]] == [60, 40, 50]
+    assert store.vocabulary == vocab
+    first = store.cell(0)
+    assert first[0] == vocab.cls_id and first[-1] == vocab.eos_id
+    obs = store.obs()
+    assert list(obs.columns) == ["state", "cell_type"] and len(obs) == 150
+
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG.lstrip())
+    assert cli_main(["pretrain", str(config)]) == 0
+    assert "6 steps" in capsys.readouterr().out
+    run = tmp_path / "runs" / "toy"
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000003", "step-00000006"]
+    for name in ("config.json", "model.safetensors", "history.json", "vocab.json"):
+        assert (run / name).is_file(), name
+    ax = sgf.pl.loss_curve(run, show=False)
+    assert ax is not None
+    plt.close("all")
+
+    # The same config again is refused; --resume with more steps continues the run.
+    with pytest.raises(FileExistsError, match="resume"):
+        cli_main(["pretrain", str(config)])
+    config.write_text(CONFIG.lstrip().replace("max_steps = 6", "max_steps = 9"))
+    assert cli_main(["pretrain", str(config), "--resume"]) == 0
+    history = json.loads((run / "history.json").read_text())
+    assert [entry["step"] for entry in history["train"]] == list(range(1, 10))
+    assert np.isfinite([entry["loss"] for entry in history["train"]]).all()
+    resumed = sgf.Geneformer.from_pretrained(run)
+    assert resumed.training_args["steps"] == 9
+    assert resumed.vocab == vocab
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step-00000009"
+
+
+# ------------------------------------------------------------------ the stored notebooks
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_stored_executed_and_small(name):
+    path = ROOT / "tutorials" / name
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert code, "no code cells"
+    # Executed top to bottom in one session, and nothing failed.
+    assert [cell["execution_count"] for cell in code] == list(range(1, len(code) + 1))
+    for cell in code:
+        ast.parse("".join(cell["source"]))
+        for output in cell["outputs"]:
+            assert output["output_type"] != "error", "".join(cell["source"])[:200]
+            assert "Traceback" not in "".join(output.get("text", ""))
+    assert path.stat().st_size < 1_000_000
+    assert notebook["cells"][0]["cell_type"] == "markdown"
+    assert "".join(notebook["cells"][0]["source"]).startswith("# ")  # the page title
+
+
+# ------------------------------------------------------------------ the API page
+def test_api_page_lists_every_public_name():
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\s{3}([A-Za-z_][\w.]*)\s*$", text, flags=re.MULTILINE))
+    modules = ("pp", "tl", "pl", "datasets", "data")
+    expected = set(sgf.__all__) - set(modules) - {"__version__"}
+    for module in modules:
+        expected |= {f"{module}.{name}" for name in getattr(sgf, module).__all__}
+    assert expected <= listed, f"missing from docs/api.md: {sorted(expected - listed)}"
+    for entry in sorted(listed):  # and everything listed exists, so the docs build finds it
+        module, _, name = f"scgeneformer.{entry}".rpartition(".")
+        assert hasattr(importlib.import_module(module), name), entry
