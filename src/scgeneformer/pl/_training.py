@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
 from ..model import Geneformer, GeneformerClassifier
 from ..model.checkpoint import METADATA_NAME
+from ._utils import finish, new_axes
 
 
 def _history(
@@ -76,7 +76,7 @@ def loss_curve(
     ax
         Axes to draw on (a new figure by default).
     show
-        Show the figure; by default when neither ``ax`` nor ``save`` is given.
+        Show the figure; by default when not saving and matplotlib is interactive.
     save
         File to save the figure to.
 
@@ -98,10 +98,7 @@ def loss_curve(
     evaluation = history.get("eval", [])
     if not train and not evaluation:
         raise ValueError("The training history is empty: no step was logged.")
-    if show is None:
-        show = ax is None and save is None
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
+    ax = new_axes(ax, (6, 4))
     ax.plot(
         [r["step"] for r in train], [r["loss"] for r in train], color="C0", label="training loss"
     )
@@ -131,12 +128,7 @@ def loss_curve(
         more_handles, more_labels = twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels, loc="center right", frameon=False)
-    if save is not None:
-        ax.figure.savefig(save, bbox_inches="tight")
-    if show:
-        plt.show()
-        return None
-    return ax
+    return finish(ax, show, save)
 
 
 __all__ = ["loss_curve"]

@@ -133,8 +133,9 @@ def encode_cells(
     cells = np.full((n_cells, hidden), np.nan, dtype=np.float32)
     present = np.flatnonzero(n_tokens > 0)
     batches = token_budget_batches(n_tokens[present], token_budget, padded=not packed)
-    gene_sum = torch.zeros((len(model.vocab), hidden), dtype=torch.float64, device=device)
-    gene_count = torch.zeros(len(model.vocab), dtype=torch.int64, device=device)
+    if genes:  # a vocabulary-by-hidden float64 table: only when gene embeddings are asked for
+        gene_sum = torch.zeros((len(model.vocab), hidden), dtype=torch.float64, device=device)
+        gene_count = torch.zeros(len(model.vocab), dtype=torch.int64, device=device)
     bar = tqdm(total=len(present), desc=desc, unit="cells", disable=not settings.progress)
     with inference_on(model, device), autocast(device, dtype), bar:
         for batch in batches:
