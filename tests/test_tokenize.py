@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -177,6 +179,34 @@ def test_duplicate_gene_ids_are_summed():
     first = t0 if 5.0 / med[t0] > 4.0 / med[t1] else t1
     assert adata.obsm["geneformer_tokens"][0, 1] == first
     assert adata.obs["geneformer_n_tokens"].iloc[0] == 4
+
+
+@HYPOTHESIS
+@given(rows=counts_strategy, seed=st.integers(0, 2**16))
+def test_splitting_a_gene_over_duplicate_columns_changes_nothing(rows, seed):
+    """Counts of a gene spread over columns that map to it (``ID``, ``ID.2``, ``id``) are
+    summed per cell before ranking, whatever the split and the column order."""
+    counts = _with_signal(rows)
+    expected = tokens_of(make_adata(counts))
+    rng = np.random.default_rng(seed)
+    names = make_adata(counts).var_names
+    columns, spread = [], []
+    for j, name in enumerate(names):
+        n_copies = rng.integers(1, 4) if j < 12 else 1
+        cuts = np.sort(rng.integers(0, counts[:, j, None] + 1, size=(len(counts), n_copies - 1)))
+        edges = np.hstack([np.zeros((len(counts), 1), int), cuts, counts[:, j, None]])
+        for copy_index, part in enumerate(np.diff(edges, axis=1).T):
+            columns.append([name, f"{name}.{copy_index}", name.lower()][copy_index])
+            spread.append(part)
+    order = rng.permutation(len(columns))
+    split = ad.AnnData(
+        sp.csr_matrix(np.array(spread).T[:, order].astype(np.float32)),
+        var=pd.DataFrame(index=np.array(columns)[order]),
+    )
+    split.var_names_make_unique()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert tokens_of(split) == expected
 
 
 def test_symbols_through_a_mapping():

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .._genes import describe_mismatch
 from ..vocab import Vocabulary
@@ -19,23 +18,26 @@ LOW_MATCH_FRACTION = 0.3
 
 @dataclass(frozen=True)
 class GenePlan:
-    """Columns to tokens: ``column_token`` per input column, and how duplicates are summed.
+    """Columns to tokens: each input column's token and median, and which columns share one.
 
     Attributes
     ----------
     column_token
         Token id of each input column, -1 outside the vocabulary.
-    collapse
-        ``None`` when every token comes from one column; otherwise a 0/1 CSR matrix
-        (columns x slots) that sums the columns of each token into one slot.
-    kernel_token, kernel_median
-        Token and median of each column the kernel sees (input columns, or slots).
+    column_median
+        Median of each column's token, NaN outside the vocabulary.
+    column_shared
+        -1 for a column that alone feeds its token; otherwise the column's slot in
+        ``shared_token``, for tokens that several columns feed (their counts are summed).
+    shared_token, shared_median
+        Token and median of each shared slot.
     """
 
     column_token: np.ndarray
-    collapse: sp.csr_matrix | None
-    kernel_token: np.ndarray
-    kernel_median: np.ndarray
+    column_median: np.ndarray
+    column_shared: np.ndarray
+    shared_token: np.ndarray
+    shared_median: np.ndarray
 
     @property
     def n_mapped(self) -> int:
@@ -46,10 +48,6 @@ class GenePlan:
     def n_tokens(self) -> int:
         """Distinct vocabulary genes present."""
         return len(np.unique(self.column_token[self.column_token >= 0]))
-
-    def prepare(self, chunk: sp.csr_matrix) -> sp.csr_matrix:
-        """Sum the columns that share a token (a no-op when none do)."""
-        return chunk if self.collapse is None else (chunk @ self.collapse).tocsr()
 
 
 def plan_genes(names: pd.Index, vocab: Vocabulary, *, gene_key: str | None) -> GenePlan:
@@ -78,22 +76,26 @@ def plan_genes(names: pd.Index, vocab: Vocabulary, *, gene_key: str | None) -> G
             stacklevel=3,
         )
     medians = vocab.median_by_token
-    unique_tokens, slot_of_column = np.unique(column_token[mapped], return_inverse=True)
-    if len(unique_tokens) == n_mapped:
-        kernel_median = np.where(mapped, medians[np.maximum(column_token, 0)], np.nan)
-        return GenePlan(column_token, None, column_token, kernel_median)
-
-    columns = np.flatnonzero(mapped)
-    dup_tokens = unique_tokens[np.bincount(slot_of_column) > 1]
-    examples = [str(n) for n in names[np.isin(column_token, dup_tokens)][:4]]
-    warnings.warn(
-        f"{n_mapped - len(unique_tokens):,} genes map to a vocabulary gene that another column "
-        f"also maps to (e.g. {examples}); their counts are summed, as Geneformer does.",
-        UserWarning,
-        stacklevel=3,
+    column_median = np.where(mapped, medians[np.maximum(column_token, 0)], np.nan)
+    unique_tokens, slot_of_column, columns_per_token = np.unique(
+        column_token[mapped], return_inverse=True, return_counts=True
     )
-    collapse = sp.csr_matrix(
-        (np.ones(len(columns)), (columns, slot_of_column)),
-        shape=(len(names), len(unique_tokens)),
-    )
-    return GenePlan(column_token, collapse, unique_tokens, medians[unique_tokens])
+    shared = columns_per_token > 1
+    column_shared = np.full(len(names), -1, dtype=np.int64)
+    if shared.any():
+        dup_tokens = unique_tokens[shared]
+        examples = [str(n) for n in names[np.isin(column_token, dup_tokens)][:4]]
+        warnings.warn(
+            f"{n_mapped - len(unique_tokens):,} genes map to a vocabulary gene that another "
+            f"column also maps to (e.g. {examples}); their counts are summed, as Geneformer "
+            "does.",
+            UserWarning,
+            stacklevel=3,
+        )
+        shared_slot = np.cumsum(shared) - 1
+        column_is_shared = shared[slot_of_column]
+        column_shared[np.flatnonzero(mapped)[column_is_shared]] = shared_slot[
+            slot_of_column[column_is_shared]
+        ]
+    shared_token = unique_tokens[shared].astype(np.int64)
+    return GenePlan(column_token, column_median, column_shared, shared_token, medians[shared_token])

@@ -72,7 +72,7 @@ def _collapse(column_gene: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
 
 def _cp10k_entries(chunk: sp.csr_matrix, collapse: sp.csr_matrix, item_label: str):
     """Non-zero CP10k values of a chunk with the slot each belongs to."""
-    totals, bad_code, bad_value = row_totals_checked(chunk.indptr, chunk.data)
+    totals, bad_code, bad_value = row_totals_checked(chunk)
     if bad_code.any():
         row = int(np.flatnonzero(bad_code)[0])
         raise ValueError(

@@ -4,6 +4,9 @@ Geneformer's rank value of gene g in cell c is ``((count / total) * 10_000) / me
 evaluated in float64 in that order so that the ordering matches its numpy code bit for bit.
 Genes are ordered by value, highest first; exact ties go to the smaller token id, which makes
 the order independent of gene column order and identical on every machine.
+
+Columns that map to the same vocabulary gene (``col_shared[j] >= 0``) are summed inside the
+kernels, per row, into a small table indexed by that shared slot.
 """
 
 from __future__ import annotations
@@ -16,73 +19,133 @@ TARGET_SUM = 10_000.0
 # Codes for the first problem met in a row's values (0: none).
 BAD_NONFINITE, BAD_NEGATIVE, BAD_NONINTEGER = 1, 2, 3
 
+# Rows per parallel work item: scratch arrays are allocated once per block, not per row.
+BLOCK_ROWS = 64
+
+_LOW32 = np.uint64(0xFFFFFFFF)
+_BYTE = np.uint64(255)
+
+
+@numba.njit(inline="always")
+def _problem_code(value):  # pragma: no cover - compiled
+    """0 for a finite non-negative integer, else the code of what is wrong with it."""
+    if not np.isfinite(value):
+        return BAD_NONFINITE
+    if value < 0.0:
+        return BAD_NEGATIVE
+    if value != np.floor(value):
+        return BAD_NONINTEGER
+    return 0
+
 
 @numba.njit(parallel=True, cache=True)
-def row_totals_checked(indptr, data):  # pragma: no cover - compiled
-    """Sum each row in float64 and report the first non-count value of each row.
+def scan_rows(
+    indptr, indices, data, col_token, col_shared, n_shared, max_genes
+):  # pragma: no cover - compiled
+    """One pass over each row: its total, its first non-count value, its number of tokens.
 
-    Returns ``(totals, bad_code, bad_value)``; ``bad_code[r]`` is 0 when row r holds only
-    finite non-negative integers.
+    Returns ``(totals, bad_code, bad_value, n_genes)``: ``totals[r]`` is row r's sum in
+    float64; ``bad_code[r]`` is 0 when the row holds only finite non-negative integers, else
+    the code of the first other value, ``bad_value[r]``; ``n_genes[r]`` counts the row's
+    expressed vocabulary genes, columns sharing a token (``col_shared[j] >= 0``) once, capped
+    at ``max_genes``.
     """
     n_rows = indptr.shape[0] - 1
     totals = np.zeros(n_rows, dtype=np.float64)
     bad_code = np.zeros(n_rows, dtype=np.int8)
     bad_value = np.zeros(n_rows, dtype=np.float64)
-    for r in numba.prange(n_rows):
-        acc = 0.0
-        for k in range(indptr[r], indptr[r + 1]):
-            v = np.float64(data[k])
-            code = 0
-            if not np.isfinite(v):
-                code = BAD_NONFINITE
-            elif v < 0.0:
-                code = BAD_NEGATIVE
-            elif v != np.floor(v):
-                code = BAD_NONINTEGER
-            if code != 0:
-                bad_code[r] = code
-                bad_value[r] = v
-                break
-            acc += v
-        totals[r] = acc
+    n_genes = np.zeros(n_rows, dtype=np.int64)
+    for block in numba.prange((n_rows + BLOCK_ROWS - 1) // BLOCK_ROWS):
+        seen = np.zeros(max(n_shared, 1), dtype=np.bool_)
+        touched = np.empty(max(n_shared, 1), dtype=np.int64)
+        for r in range(block * BLOCK_ROWS, min((block + 1) * BLOCK_ROWS, n_rows)):
+            acc, n, n_touched = 0.0, 0, 0
+            for k in range(indptr[r], indptr[r + 1]):
+                v = np.float64(data[k])
+                code = _problem_code(v)
+                if code != 0:
+                    bad_code[r] = code
+                    bad_value[r] = v
+                    break
+                acc += v
+                j = indices[k]
+                if v > 0 and col_token[j] >= 0:
+                    slot = col_shared[j]
+                    if slot < 0:
+                        n += 1
+                    elif not seen[slot]:
+                        seen[slot] = True
+                        touched[n_touched] = slot
+                        n_touched += 1
+            for i in range(n_touched):
+                seen[touched[i]] = False
+            totals[r] = acc
+            n_genes[r] = min(n + n_touched, max_genes)
+    return totals, bad_code, bad_value, n_genes
+
+
+def row_totals_checked(chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row sums and count checks of a CSR matrix: :func:`scan_rows` with no vocabulary.
+
+    Examples
+    --------
+    >>> import scipy.sparse as sp
+    >>> totals, bad_code, _ = row_totals_checked(sp.csr_matrix(np.array([[1.0, 2.0], [0.5, 0]])))
+    >>> totals.tolist(), bad_code.tolist()
+    ([3.0, 0.0], [0, 3])
+    """
+    no_tokens = np.full(chunk.shape[1], -1, dtype=np.int64)
+    totals, bad_code, bad_value, _ = scan_rows(
+        chunk.indptr, chunk.indices, chunk.data, no_tokens, no_tokens, 0, 0
+    )
     return totals, bad_code, bad_value
 
 
 @numba.njit(cache=True)
-def _rank_order(neg_values, tokens):  # pragma: no cover - compiled
-    """Entry indices by rank: value descending (``neg_values`` ascending), then token id.
+def _rank_order(neg_values, tokens, n, packed, spare, histogram):  # pragma: no cover
+    """Order the first ``n`` entries by rank: value descending, then token id ascending.
 
-    A radix sort on float32 keys (4 byte passes, skipping bytes all entries share) puts the
-    entries in order up to float32 rounding; an insertion pass with exact float64 comparisons
-    and the token tie rule then fixes the few neighbours that float32 could not tell apart.
-    This is about 4x faster than a comparison sort of the float64 values.
+    A least-significant-digit radix sort puts the entries in order up to a coarse key: the
+    float32 bit pattern of each value (which orders positive floats), less the row's
+    smallest, shifted right until the row's span fits in 16 bits, so two byte passes
+    suffice. Key and entry index travel packed in one uint64. An insertion pass with exact
+    float64 comparisons and the token tie rule then orders the few neighbours the coarse key
+    could not tell apart. Returns a view of ``packed`` or ``spare``.
     """
-    n = neg_values.shape[0]
-    keys = np.empty(n, dtype=np.uint32)
+    lowest, highest = np.uint32(0xFFFFFFFF), np.uint32(0)
     for i in range(n):
-        # Positive float32 bit patterns order like the values; inverting gives descending.
-        keys[i] = ~np.float32(-neg_values[i]).view(np.uint32)
-    order = np.arange(n)
-    spare = np.empty(n, dtype=np.int64)
-    counts = np.empty(256, dtype=np.int64)
-    for shift in range(0, 32, 8):
-        counts[:] = 0
-        for i in range(n):
-            counts[(keys[i] >> shift) & 255] += 1
-        if counts.max() == n:
+        # Inverting the bits of a positive float32 orders the values descending.
+        key = ~np.float32(-neg_values[i]).view(np.uint32)
+        packed[i] = key
+        lowest, highest = min(lowest, key), max(highest, key)
+    shift = np.uint32(0)
+    while ((highest - lowest) >> shift) > 0xFFFF:
+        shift += np.uint32(1)
+    histogram[:, :] = 0
+    for i in range(n):
+        key = (np.uint32(packed[i]) - lowest) >> shift
+        packed[i] = (np.uint64(key) << np.uint64(32)) | np.uint64(i)
+        histogram[0, key & 255] += 1
+        histogram[1, key >> 8] += 1
+    source, target = packed, spare
+    for digit in range(2):
+        bit = np.uint64(32 + 8 * digit)
+        if histogram[digit, (source[0] >> bit) & _BYTE] == n:
             continue
         running = 0
         for b in range(256):
-            c = counts[b]
-            counts[b] = running
-            running += c
+            count = histogram[digit, b]
+            histogram[digit, b] = running
+            running += count
         for i in range(n):
-            entry = order[i]
-            b = (keys[entry] >> shift) & 255
-            spare[counts[b]] = entry
-            counts[b] += 1
-        order, spare = spare, order
-    # Written out in full: a helper call here measured twice as slow.
+            item = source[i]
+            b = (item >> bit) & _BYTE
+            target[histogram[digit, b]] = item
+            histogram[digit, b] += 1
+        source, target = target, source
+    order = source[:n]
+    for i in range(n):
+        order[i] &= _LOW32
     for p in range(1, n):
         entry = order[p]
         value, token = neg_values[entry], tokens[entry]
@@ -98,48 +161,70 @@ def _rank_order(neg_values, tokens):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, cache=True)
-def count_vocab_genes(indptr, indices, data, col_token, max_genes):  # pragma: no cover
-    """Count the tokens each row will get: expressed vocabulary genes, capped at max_genes."""
-    n_rows = indptr.shape[0] - 1
-    counts = np.zeros(n_rows, dtype=np.int64)
-    for r in numba.prange(n_rows):
-        n = 0
-        for k in range(indptr[r], indptr[r + 1]):
-            if data[k] > 0 and col_token[indices[k]] >= 0:
-                n += 1
-        counts[r] = min(n, max_genes)
-    return counts
-
-
-@numba.njit(parallel=True, cache=True)
 def rank_rows(
-    indptr, indices, data, col_token, col_median, totals, offsets, out
+    indptr,
+    indices,
+    data,
+    col_token,
+    col_median,
+    col_shared,
+    shared_token,
+    shared_median,
+    totals,
+    offsets,
+    out,
 ):  # pragma: no cover - compiled
     """Write each row's top-ranked gene tokens into ``out[offsets[r]:offsets[r + 1]]``.
 
     ``col_token[j]`` is column j's token id (-1 outside the vocabulary), ``col_median[j]``
-    its median. Columns must map to distinct tokens (duplicates are summed beforehand).
+    its median. Columns with ``col_shared[j] = s >= 0`` share token ``shared_token[s]``
+    (median ``shared_median[s]``) with other columns; their counts are summed first.
     """
     n_rows = indptr.shape[0] - 1
-    for r in numba.prange(n_rows):
-        n_out = offsets[r + 1] - offsets[r]
-        if n_out == 0:
-            continue
-        start, stop = indptr[r], indptr[r + 1]
-        neg_values = np.empty(stop - start, dtype=np.float64)
-        tokens = np.empty(stop - start, dtype=np.int64)
-        n = 0
-        for k in range(start, stop):
-            token = col_token[indices[k]]
-            if data[k] > 0 and token >= 0:
-                value = ((np.float64(data[k]) / totals[r]) * TARGET_SUM) / col_median[indices[k]]
-                neg_values[n] = -value
-                tokens[n] = token
+    n_shared = shared_token.shape[0]
+    for block in numba.prange((n_rows + BLOCK_ROWS - 1) // BLOCK_ROWS):
+        first, stop = block * BLOCK_ROWS, min((block + 1) * BLOCK_ROWS, n_rows)
+        width = 1
+        for r in range(first, stop):
+            width = max(width, indptr[r + 1] - indptr[r])
+        neg_values = np.empty(width, dtype=np.float64)
+        tokens = np.empty(width, dtype=np.int64)
+        packed = np.empty(width, dtype=np.uint64)
+        spare = np.empty(width, dtype=np.uint64)
+        histogram = np.empty((2, 256), dtype=np.int64)
+        shared_sum = np.zeros(max(n_shared, 1), dtype=np.float64)
+        touched = np.empty(max(n_shared, 1), dtype=np.int64)
+        for r in range(first, stop):
+            n_out = offsets[r + 1] - offsets[r]
+            if n_out == 0:
+                continue
+            total = totals[r]
+            n, n_touched = 0, 0
+            for k in range(indptr[r], indptr[r + 1]):
+                j = indices[k]
+                count = np.float64(data[k])
+                if count <= 0 or col_token[j] < 0:
+                    continue
+                slot = col_shared[j]
+                if slot >= 0:
+                    if shared_sum[slot] == 0:
+                        touched[n_touched] = slot
+                        n_touched += 1
+                    shared_sum[slot] += count
+                    continue
+                neg_values[n] = -(((count / total) * TARGET_SUM) / col_median[j])
+                tokens[n] = col_token[j]
                 n += 1
-        order = _rank_order(neg_values[:n], tokens[:n])
-        base = offsets[r]
-        for i in range(n_out):
-            out[base + i] = tokens[order[i]]
+            for i in range(n_touched):
+                slot = touched[i]
+                neg_values[n] = -(((shared_sum[slot] / total) * TARGET_SUM) / shared_median[slot])
+                tokens[n] = shared_token[slot]
+                shared_sum[slot] = 0.0
+                n += 1
+            order = _rank_order(neg_values, tokens, n, packed, spare, histogram)
+            base = offsets[r]
+            for i in range(n_out):
+                out[base + i] = tokens[order[i]]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -150,5 +235,6 @@ def fill_padded(flat, offsets, out, first_row, lead):  # pragma: no cover - comp
     column ``lead`` on (1 leaves room for ``<cls>``).
     """
     for i in numba.prange(offsets.shape[0] - 1):
-        for k in range(offsets[i], offsets[i + 1]):
-            out[first_row + i, lead + k - offsets[i]] = flat[k]
+        # A slice copy: an element loop here measured ten times slower on two threads.
+        n = offsets[i + 1] - offsets[i]
+        out[first_row + i, lead : lead + n] = flat[offsets[i] : offsets[i + 1]]
