@@ -8,11 +8,17 @@ are packed (varlen attention, bfloat16 autocast). Reported: tokens/s (all real t
 median over logging intervals after the first, which holds start-up costs) and the time of
 the final checkpoint.
 
+Reference, in the same run on the same cells and starting weights: ``transformers``'
+``BertForMaskedLM`` trained the way Geneformer trained it: fp32, eager attention, padded
+length-grouped batches of 12 cells, the collator's 15% masking (80/10/10) with the MLM head and
+loss over every position, AdamW with clipping. Reported: the median tokens/s over its steps
+after the first. Needs ``transformers`` (the test extra); ``--no-reference`` skips it.
+
 Token store: ``synthetic_states`` counts written to h5ad files, tokenized into a store with
 ``n_jobs`` 1 and 2 (worker processes over files); cells/s including worker start-up.
 
 Run: ``.venv/bin/python bench/bench_pretrain.py [--preset V1-10M] [--length 256]
-[--steps 12] [--token-budget 4096] [--store-cells 20000]``
+[--steps 12] [--token-budget 4096] [--store-cells 20000] [--no-reference]``
 """
 
 from __future__ import annotations
@@ -50,6 +56,70 @@ def random_token_cells(vocab: sgf.Vocabulary, n_cells: int, length: int, seed: i
     return adata
 
 
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Batches as Geneformer's length-grouped sampler makes them: shuffled mega-batches of 50
+    batches, each sorted by length (longest first) and cut into batches."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    batches = []
+    mega = 50 * batch_size
+    for start in range(0, len(order), mega):
+        group = order[start : start + mega]
+        group = group[np.argsort(-lengths[group], kind="stable")]
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return batches
+
+
+def collator_masking(ids: torch.Tensor, maskable: torch.Tensor, vocab, generator):
+    """The MLM collator's masking: 15% of maskable tokens; 80% ``<mask>``, 10% random, 10%
+    kept. Returns ``(inputs, labels)`` with -100 where nothing is predicted."""
+    chosen = (torch.rand(ids.shape, generator=generator) < 0.15) & maskable
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    draw = torch.rand(ids.shape, generator=generator)
+    inputs = torch.where(chosen & (draw < 0.8), torch.full_like(ids, vocab.mask_id), ids)
+    random_ids = torch.randint(len(vocab), ids.shape, generator=generator)
+    inputs = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_ids, inputs)
+    return inputs, labels
+
+
+def reference_tokens_per_s(
+    model: sgf.Geneformer, adata: ad.AnnData, steps: int, folder: Path
+) -> list[float]:
+    """Tokens/s of each step of ``BertForMaskedLM`` trained as Geneformer trained it."""
+    from transformers import BertForMaskedLM
+
+    model.save(folder / "reference_start")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reference = (
+        BertForMaskedLM.from_pretrained(folder / "reference_start", attn_implementation="eager")
+        .to(device)
+        .train()
+    )
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=1e-3)
+    tokens = adata.obsm["geneformer_tokens"]
+    lengths = adata.obs["geneformer_n_tokens"].to_numpy()
+    special = torch.as_tensor([model.vocab.cls_id, model.vocab.eos_id])
+    generator = torch.Generator().manual_seed(0)
+    rates = []
+    for batch in length_grouped_batches(lengths, 12, seed=0)[:steps]:
+        width = int(lengths[batch].max())
+        ids = torch.as_tensor(tokens[batch, :width].astype(np.int64))
+        attention = torch.arange(width)[None, :] < torch.as_tensor(lengths[batch])[:, None]
+        inputs, labels = collator_masking(
+            ids, attention & ~torch.isin(ids, special), model.vocab, generator
+        )
+        inputs, labels, attention = inputs.to(device), labels.to(device), attention.to(device)
+        start = time.perf_counter()
+        loss = reference(input_ids=inputs, attention_mask=attention.long(), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(int(attention.sum()) / (time.perf_counter() - start))
+    return rates[1:]
+
+
 def bench_pretrain(args: argparse.Namespace, folder: Path) -> None:
     genes = [f"ENSG{i:011d}" for i in range(1, V1_GENES + 1)]
     vocab = sgf.Vocabulary(
@@ -63,6 +133,9 @@ def bench_pretrain(args: argparse.Namespace, folder: Path) -> None:
     adata = random_token_cells(vocab, n_cells, args.length, seed=0)
     model = sgf.Geneformer.from_config(
         args.preset, vocab, random_state=0, max_position_embeddings=max(args.length, 2048)
+    )
+    reference = (
+        None if args.no_reference else reference_tokens_per_s(model, adata, args.steps, folder)
     )
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -90,6 +163,12 @@ def bench_pretrain(args: argparse.Namespace, folder: Path) -> None:
         f"{np.median(rates):,.0f} tokens/s (intervals: {', '.join(f'{r:,.0f}' for r in rates)}); "
         f"{args.steps} steps + setup + checkpoint in {wall:.1f} s"
     )
+    if reference is not None:
+        ratio = np.median(rates) / np.median(reference)
+        print(
+            f"reference BertForMaskedLM (fp32, eager, padded length-grouped batches of 12): "
+            f"{np.median(reference):,.0f} tokens/s; ours {ratio:.1f}x"
+        )
     start = time.perf_counter()
     model.save(folder / "again")
     print(
@@ -123,6 +202,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--token-budget", type=int, default=4096)
     parser.add_argument("--store-cells", type=int, default=20_000)
+    parser.add_argument("--no-reference", action="store_true", help="skip transformers")
     args = parser.parse_args()
     sgf.settings.progress = False
     with tempfile.TemporaryDirectory() as tmp:
