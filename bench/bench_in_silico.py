@@ -1,0 +1,129 @@
+"""Benchmark: ``tl.in_silico_delete`` against the same deletions run as Geneformer runs them.
+
+PBMC 3k cells tokenized with the official V1 dictionary, cut to ``--length`` tokens (a small
+size for the CPU), V1-10M with random weights (the official config). The first ``--cells``
+cells are the start state, the next ``--goal-cells`` the goal state. Every gene of every start
+cell is deleted in turn.
+
+The reference is ``transformers``' ``BertForMaskedLM`` as Geneformer's perturber runs it: fp32,
+eager attention, batches of 100 variants, all hidden states returned, the second-to-last
+layer mean-pooled over the tokens, the shift ``cos(variant, goal) - cos(original, goal)``
+against the mean embedding of the goal cells. Ours is ``sgf.tl.in_silico_delete`` with its
+statistics and the per-cell layer. Both run in this process; the per-cell shifts are checked
+equal.
+
+Run: ``.venv/bin/python bench/bench_in_silico.py [--cells 8] [--goal-cells 40] [--length 128]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+import scgeneformer as sgf
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REF = SHARED / "geneformer_ref"
+BATCH = 100
+
+
+def pooled(model, ids: torch.Tensor) -> torch.Tensor:
+    """Second-to-last layer mean-pooled over non-pad tokens, as Geneformer reads it."""
+    keep = ids != 0
+    states = model(ids, attention_mask=keep.long(), output_hidden_states=True).hidden_states[-2]
+    return (states * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+
+
+def reference_shifts(folder: Path, tokens, n_tokens, start, goal) -> dict[tuple[int, int], float]:
+    """Shift of each (start cell, deleted token), the way Geneformer computes it."""
+    from transformers import BertForMaskedLM
+
+    model = BertForMaskedLM.from_pretrained(folder, attn_implementation="eager").eval()
+    cos = torch.nn.CosineSimilarity(dim=-1)
+    shifts = {}
+    with torch.no_grad():
+        goal_ids = torch.as_tensor(tokens[goal].astype(np.int64))
+        goal_mean = torch.cat(
+            [pooled(model, goal_ids[i : i + BATCH]) for i in range(0, len(goal), BATCH)]
+        ).mean(0)
+        for cell in start:
+            row = tokens[cell, : n_tokens[cell]].astype(np.int64)
+            original = pooled(model, torch.as_tensor(row[None]))
+            base = cos(original, goal_mean).item()
+            variants = torch.as_tensor(np.stack([np.delete(row, i) for i in range(len(row))]))
+            for i in range(0, len(row), BATCH):
+                moved = cos(pooled(model, variants[i : i + BATCH]), goal_mean[None]) - base
+                for offset, shift in enumerate(moved.tolist()):
+                    shifts[(int(cell), int(row[i + offset]))] = shift
+    return shifts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=8, help="start-state cells")
+    parser.add_argument("--goal-cells", type=int, default=40)
+    parser.add_argument("--length", type=int, default=128, help="tokens per cell at most")
+    args = parser.parse_args()
+    sgf.settings.progress = False
+    pbmc = ad.read_h5ad(SHARED / "data" / "pbmc3k" / "pbmc3k_labelled_counts.h5ad")
+    cells = pbmc[: args.cells + args.goal_cells].copy()
+    cells.obs["state"] = ["start"] * args.cells + ["goal"] * args.goal_cells
+    vocab = sgf.Vocabulary.from_geneformer(
+        REF / "token_dictionary_gc30M.pkl", REF / "gene_median_dictionary_gc30M.pkl"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sgf.pp.rank_tokenize(cells, vocab, max_length=args.length)
+    tokens = cells.obsm["geneformer_tokens"]
+    n_tokens = cells.obs["geneformer_n_tokens"].to_numpy()
+    start, goal = np.arange(args.cells), np.arange(args.cells, len(n_tokens))
+    model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save(folder)
+        began = time.perf_counter()
+        expected = reference_shifts(Path(folder), tokens, n_tokens, start, goal)
+        ref_s = time.perf_counter() - began
+    began = time.perf_counter()
+    sgf.tl.in_silico_delete(
+        cells,
+        model,
+        state_key="state",
+        start_state="start",
+        goal_state="goal",
+        min_cells=1,
+        store_per_cell=True,
+    )
+    ours_s = time.perf_counter() - began
+    n_variants = cells.uns["in_silico_delete"]["n_perturbations"]
+    column_of = {t: j for j, t in enumerate(cells.var["geneformer_token"]) if t >= 0}
+    per_cell = cells.layers["in_silico_delete"].tocsr()
+    error = max(abs(per_cell[c, column_of[t]] - s) for (c, t), s in expected.items())
+    scale = max(abs(s) for s in expected.values())
+    print(
+        f"V1-10M, {args.cells} start cells of {n_tokens[start].mean():.0f} tokens on average, "
+        f"{len(goal)} goal cells, CPU fp32, {torch.get_num_threads()} threads, "
+        f"{n_variants:,} variants ({len(expected):,} in the reference)"
+    )
+    print("| run | seconds | variants/s | vs reference |")
+    print("|---|---|---|---|")
+    print(
+        f"| transformers, fp32 eager, batches of 100, all hidden states | {ref_s:.1f} "
+        f"| {len(expected) / ref_s:,.0f} | 1.0x |"
+    )
+    print(
+        f"| sgf.tl.in_silico_delete (dense variant batches, stops at the layer read, "
+        f"statistics included) | {ours_s:.1f} | {n_variants / ours_s:,.0f} "
+        f"| {ref_s / ours_s:.1f}x |"
+    )
+    print(f"max difference of the per-cell shifts: {error:.1e} (largest shift {scale:.1e})")
+
+
+if __name__ == "__main__":
+    main()
