@@ -1,4 +1,4 @@
-"""Command line: ``scgeneformer demo | tokenize | pretrain``."""
+"""Command line: ``scgeneformer demo | tokenize | pretrain | embed | delete``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .analysis_cli import add_analysis_commands
 from .pretrain_cli import add_pretrain_command
 
 
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.set_defaults(run=_tokenize)
 
     add_pretrain_command(commands)
+    add_analysis_commands(commands)
     return parser
 
 
