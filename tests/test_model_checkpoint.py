@@ -135,7 +135,7 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path, vocab):
         "vocab.json",
     ]
     model.training_args = {"not json": object()}
-    with pytest.raises(TypeError, match="training_args must be JSON-serialisable"):
+    with pytest.raises(TypeError, match="training_args and history must be JSON-serialisable"):
         model.save(tmp_path / "bad")
 
 

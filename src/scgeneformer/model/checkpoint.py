@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
 from ..vocab import Vocabulary
 
 CONFIG_NAME = "config.json"
@@ -225,11 +226,29 @@ def write_checkpoint(
 ) -> Path:
     """Write a checkpoint folder so that a reader never sees a partial one.
 
+    ``metadata`` holds what is particular to the model (and may name another ``format``); the
+    format, the package version and the vocabulary's name and sha256 are added here, and the
+    whole must be JSON-serialisable.
+    The tensors are written from CPU copies.
+
     Everything is written into a temporary folder beside the target first. A new target is
     then created by one rename. Into an existing folder (which may hold other files, such as
     training checkpoints) each file is moved by its own rename, weights first and metadata
     last, so every file present is always complete.
     """
+    metadata = {
+        "format": METADATA_FORMAT,
+        "format_version": 1,
+        "scgeneformer_version": __version__,
+        "vocabulary_name": vocab.name,
+        "vocabulary_sha256": vocab.sha256,
+        **metadata,
+    }
+    try:
+        json.dumps(metadata)
+    except TypeError as err:
+        raise TypeError(f"training_args and history must be JSON-serialisable: {err}") from err
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))

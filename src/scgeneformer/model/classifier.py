@@ -11,7 +11,6 @@ saved here load in transformers.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._version import __version__
 from ..vocab import Vocabulary
 from . import checkpoint as ckpt
 from .encoder import init_weights
@@ -294,7 +292,6 @@ class GeneformerClassifier(nn.Module):
         state = {_ENCODER_PREFIX + k: v for k, v in self.encoder.bert.state_dict().items()}
         for prefix, module in self._head_modules().items():
             state.update({prefix + k: v for k, v in module.state_dict().items()})
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         config = self.encoder.config.to_hf_dict(architecture=ARCHITECTURES[self.task])
         config.update(
             id2label={str(i): c for i, c in enumerate(self.classes)},
@@ -305,21 +302,13 @@ class GeneformerClassifier(nn.Module):
         )
         metadata = {
             "format": METADATA_FORMAT,
-            "format_version": 1,
-            "scgeneformer_version": __version__,
             "task": self.task,
             "label_key": self.label_key,
             "classes": self.classes,
             "preset": self.encoder.preset,
-            "vocabulary_name": self.vocab.name,
-            "vocabulary_sha256": self.vocab.sha256,
             "history": self.history,
             "training_args": self.training_args,
         }
-        try:
-            json.dumps(metadata)
-        except TypeError as err:
-            raise TypeError(f"history and training_args must be JSON-serialisable: {err}") from err
         return ckpt.write_checkpoint(folder, config, state, self.vocab, metadata)
 
     # ------------------------------------------------------------------ properties

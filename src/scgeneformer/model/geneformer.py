@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._version import __version__
 from ..vocab import Vocabulary
 from . import checkpoint as ckpt
 from .attention import PackedAttention, PaddedAttention, key_padding_bias, packed_positions
@@ -251,22 +249,16 @@ class Geneformer(nn.Module):
         """
         architecture = "BertForMaskedLM" if self.has_mlm_head else "BertModel"
         metadata = {
-            "format": ckpt.METADATA_FORMAT,
-            "format_version": 1,
-            "scgeneformer_version": __version__,
             "preset": self.preset,
-            "vocabulary_name": self.vocab.name,
-            "vocabulary_sha256": self.vocab.sha256,
             "has_mlm_head": self.has_mlm_head,
             "training_args": self.training_args,
         }
-        try:
-            json.dumps(metadata)
-        except TypeError as err:
-            raise TypeError(f"training_args must be JSON-serialisable: {err}") from err
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         return ckpt.write_checkpoint(
-            folder, self.config.to_hf_dict(architecture=architecture), state, self.vocab, metadata
+            folder,
+            self.config.to_hf_dict(architecture=architecture),
+            self.state_dict(),
+            self.vocab,
+            metadata,
         )
 
     # ------------------------------------------------------------------ properties
