@@ -179,3 +179,17 @@ def test_build_refuses_non_counts_and_empty_corpus():
         sgf.Vocabulary.build(adata)
     with pytest.raises(ValueError, match="corpus is empty"):
         sgf.Vocabulary.build([])
+
+
+def test_stretch_medians_equal_numpy_median_bit_for_bit():
+    from scgeneformer.pp._median_kernel import stretch_medians
+
+    rng = np.random.default_rng(3)
+    lengths = np.arange(1, 61)
+    # Ratios of small integers, as CP10k values are: many ties, odd and even lengths.
+    spill = rng.integers(1, 9, lengths.sum()) / rng.integers(1, 7, lengths.sum()) * 10_000 / 3
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    genes = rng.permutation(len(lengths))
+    got = stretch_medians(spill, starts, lengths, genes)
+    for g, median in zip(genes, got, strict=True):
+        assert median == np.median(spill[starts[g] : starts[g] + lengths[g]])

@@ -16,28 +16,46 @@ from ..vocab import Vocabulary
 LOW_MATCH_FRACTION = 0.3
 
 
+def shared_columns(column_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which columns share a key with another column, for the kernels to sum them.
+
+    Returns ``(column_shared, shared_key)``: ``column_shared[j]`` is -1 for a column that
+    alone has its key (or no key, -1), else its slot; ``shared_key[s]`` is slot s's key.
+
+    Examples
+    --------
+    >>> shared_columns(np.array([5, 7, -1, 5, 9]))
+    (array([ 0, -1, -1,  0, -1]), array([5]))
+    """
+    column_shared = np.full(len(column_key), -1, dtype=np.int64)
+    keyed = np.flatnonzero(column_key >= 0)
+    keys, slot_of_column, columns_per_key = np.unique(
+        column_key[keyed], return_inverse=True, return_counts=True
+    )
+    shared = columns_per_key > 1
+    is_shared = shared[slot_of_column]
+    column_shared[keyed[is_shared]] = (np.cumsum(shared) - 1)[slot_of_column[is_shared]]
+    return column_shared, keys[shared].astype(np.int64)
+
+
 @dataclass(frozen=True)
 class GenePlan:
-    """Columns to tokens: each input column's token and median, and which columns share one.
+    """Columns to tokens: each input column's token, and which columns share one.
 
     Attributes
     ----------
     column_token
         Token id of each input column, -1 outside the vocabulary.
-    column_median
-        Median of each column's token, NaN outside the vocabulary.
-    column_shared
-        -1 for a column that alone feeds its token; otherwise the column's slot in
-        ``shared_token``, for tokens that several columns feed (their counts are summed).
-    shared_token, shared_median
-        Token and median of each shared slot.
+    column_shared, shared_token
+        See :func:`shared_columns`: columns that feed the same token, summed by the kernels.
+    median_by_token
+        Each token's median (the vocabulary's).
     """
 
     column_token: np.ndarray
-    column_median: np.ndarray
     column_shared: np.ndarray
     shared_token: np.ndarray
-    shared_median: np.ndarray
+    median_by_token: np.ndarray
 
     @property
     def n_mapped(self) -> int:
@@ -75,27 +93,14 @@ def plan_genes(names: pd.Index, vocab: Vocabulary, *, gene_key: str | None) -> G
             UserWarning,
             stacklevel=3,
         )
-    medians = vocab.median_by_token
-    column_median = np.where(mapped, medians[np.maximum(column_token, 0)], np.nan)
-    unique_tokens, slot_of_column, columns_per_token = np.unique(
-        column_token[mapped], return_inverse=True, return_counts=True
-    )
-    shared = columns_per_token > 1
-    column_shared = np.full(len(names), -1, dtype=np.int64)
-    if shared.any():
-        dup_tokens = unique_tokens[shared]
-        examples = [str(n) for n in names[np.isin(column_token, dup_tokens)][:4]]
+    column_shared, shared_token = shared_columns(column_token)
+    if len(shared_token):
+        examples = [str(n) for n in names[np.isin(column_token, shared_token)][:4]]
+        n_extra = int((column_shared >= 0).sum()) - len(shared_token)
         warnings.warn(
-            f"{n_mapped - len(unique_tokens):,} genes map to a vocabulary gene that another "
-            f"column also maps to (e.g. {examples}); their counts are summed, as Geneformer "
-            "does.",
+            f"{n_extra:,} genes map to a vocabulary gene that another column also maps to "
+            f"(e.g. {examples}); their counts are summed, as Geneformer does.",
             UserWarning,
             stacklevel=3,
         )
-        shared_slot = np.cumsum(shared) - 1
-        column_is_shared = shared[slot_of_column]
-        column_shared[np.flatnonzero(mapped)[column_is_shared]] = shared_slot[
-            slot_of_column[column_is_shared]
-        ]
-    shared_token = unique_tokens[shared].astype(np.int64)
-    return GenePlan(column_token, column_median, column_shared, shared_token, medians[shared_token])
+    return GenePlan(column_token, column_shared, shared_token, vocab.median_by_token)

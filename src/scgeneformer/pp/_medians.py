@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from .._genes import gene_names, normalize_gene_id
 from .._settings import settings
 from ._chunks import count_source, iter_csr_chunks
-from ._rank_kernel import TARGET_SUM, row_totals_checked
+from ._gene_plan import shared_columns
+from ._median_kernel import add_expressing_cells, scatter_cp10k, stretch_medians
+from ._rank_kernel import row_totals_checked
 
 CorpusItem = AnnData | str | os.PathLike
 
@@ -60,18 +62,8 @@ def _column_genes(
     return out
 
 
-def _collapse(column_gene: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
-    """0/1 matrix summing the columns of each gene, and the global gene of each slot."""
-    genes, slot = np.unique(column_gene, return_inverse=True)
-    matrix = sp.csr_matrix(
-        (np.ones(len(column_gene)), (np.arange(len(column_gene)), slot)),
-        shape=(len(column_gene), len(genes)),
-    )
-    return matrix, genes
-
-
-def _cp10k_entries(chunk: sp.csr_matrix, collapse: sp.csr_matrix, item_label: str):
-    """Non-zero CP10k values of a chunk with the slot each belongs to."""
+def _checked_totals(chunk: sp.csr_matrix, item_label: str) -> np.ndarray:
+    """Row totals of a chunk of raw counts; raises on anything else."""
     totals, bad_code, bad_value = row_totals_checked(chunk)
     if bad_code.any():
         row = int(np.flatnonzero(bad_code)[0])
@@ -79,10 +71,7 @@ def _cp10k_entries(chunk: sp.csr_matrix, collapse: sp.csr_matrix, item_label: st
             f"{item_label} holds {float(bad_value[row])!r}: Vocabulary.build needs raw counts "
             "(finite, non-negative integers); pass layer= if they are in a layer."
         )
-    summed = (chunk @ collapse).tocsr()
-    summed.eliminate_zeros()
-    row_total = np.repeat(totals, np.diff(summed.indptr))
-    return summed.indices, (summed.data.astype(np.float64) / row_total) * TARGET_SUM
+    return totals
 
 
 def corpus_nonzero_medians(
@@ -108,15 +97,18 @@ def corpus_nonzero_medians(
     plans = []
     for item in items:
         with open_corpus_item(item) as adata:
-            plans.append(_collapse(_column_genes(adata, gene_key, mapping, index)))
+            column_gene = _column_genes(adata, gene_key, mapping, index)
+            plans.append((column_gene, *shared_columns(column_gene)))
             count_source(adata, layer)  # fail early on a missing layer
     labels = [
         f"Corpus item {i} ({'an AnnData' if isinstance(item, AnnData) else str(item)!r})"
         for i, item in enumerate(items)
     ]
+    ones = np.ones(len(index), dtype=np.float64)
 
-    def passes(desc: str):
-        for item, (collapse, slot_gene), label in zip(items, plans, labels, strict=True):
+    def chunks(desc: str):
+        """Each chunk of each item, with the item's column plan and label."""
+        for item, plan, label in zip(items, plans, labels, strict=True):
             with open_corpus_item(item) as adata:
                 source = count_source(adata, layer)
                 bar = tqdm(
@@ -124,13 +116,13 @@ def corpus_nonzero_medians(
                 )
                 with bar:
                     for _, chunk in iter_csr_chunks(source, chunk_size):
-                        slots, values = _cp10k_entries(chunk, collapse, label)
-                        yield slot_gene[slots], values
+                        yield chunk, plan, label
                         bar.update(chunk.shape[0])
 
     n_nonzero = np.zeros(len(index), dtype=np.int64)
-    for genes, _ in passes("Vocabulary.build: counting"):
-        n_nonzero += np.bincount(genes, minlength=len(index))
+    for chunk, plan, label in chunks("Vocabulary.build: counting"):
+        _checked_totals(chunk, label)
+        add_expressing_cells(chunk.indptr, chunk.indices, chunk.data, *plan, ones, n_nonzero)
     if n_nonzero.sum() == 0:
         raise ValueError("The corpus holds no non-zero counts.")
 
@@ -139,21 +131,18 @@ def corpus_nonzero_medians(
         spill = np.lib.format.open_memmap(
             Path(folder) / "values.npy", mode="w+", dtype=np.float64, shape=(int(n_nonzero.sum()),)
         )
+        values = np.asarray(spill)  # a plain ndarray over the same mapped memory
         cursor = starts.copy()
-        for genes, values in passes("Vocabulary.build: collecting"):
-            order = np.argsort(genes, kind="stable")
-            sorted_genes = genes[order]
-            group_start = np.searchsorted(sorted_genes, sorted_genes, side="left")
-            spill[cursor[sorted_genes] + np.arange(len(order)) - group_start] = values[order]
-            cursor += np.bincount(genes, minlength=len(index))
+        for chunk, plan, label in chunks("Vocabulary.build: collecting"):
+            totals = _checked_totals(chunk, label)
+            scatter_cp10k(
+                chunk.indptr, chunk.indices, chunk.data, *plan, ones, totals, cursor, values
+            )
         names = np.array(list(index), dtype=object)
         keep = np.flatnonzero(n_nonzero >= min_cells)
         keep = keep[np.argsort(names[keep])]
-        medians = np.array(
-            [np.median(spill[starts[g] : starts[g] + n_nonzero[g]]) for g in keep],
-            dtype=np.float64,
-        )
-        del spill
+        medians = stretch_medians(values, starts, n_nonzero, keep)
+        del values, spill
     if len(keep) == 0:
         raise ValueError(f"No gene is expressed in at least min_cells={min_cells} cells.")
     return names[keep].tolist(), medians

@@ -102,7 +102,7 @@ def row_totals_checked(chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True)
-def _rank_order(neg_values, tokens, n, packed, spare, histogram):  # pragma: no cover
+def _rank_order(values, tokens, n, packed, spare, histogram):  # pragma: no cover
     """Order the first ``n`` entries by rank: value descending, then token id ascending.
 
     A least-significant-digit radix sort puts the entries in order up to a coarse key: the
@@ -115,7 +115,7 @@ def _rank_order(neg_values, tokens, n, packed, spare, histogram):  # pragma: no 
     lowest, highest = np.uint32(0xFFFFFFFF), np.uint32(0)
     for i in range(n):
         # Inverting the bits of a positive float32 orders the values descending.
-        key = ~np.float32(-neg_values[i]).view(np.uint32)
+        key = ~np.float32(values[i]).view(np.uint32)
         packed[i] = key
         lowest, highest = min(lowest, key), max(highest, key)
     shift = np.uint32(0)
@@ -148,16 +148,64 @@ def _rank_order(neg_values, tokens, n, packed, spare, histogram):  # pragma: no 
         order[i] &= _LOW32
     for p in range(1, n):
         entry = order[p]
-        value, token = neg_values[entry], tokens[entry]
+        value, token = values[entry], tokens[entry]
         q = p - 1
         while q >= 0 and (
-            neg_values[order[q]] > value
-            or (neg_values[order[q]] == value and tokens[order[q]] > token)
+            values[order[q]] < value or (values[order[q]] == value and tokens[order[q]] > token)
         ):
             order[q + 1] = order[q]
             q -= 1
         order[q + 1] = entry
     return order
+
+
+@numba.njit(inline="always")
+def gather_row(
+    start,
+    stop,
+    indices,
+    data,
+    col_key,
+    col_shared,
+    shared_key,
+    median_by_key,
+    total,
+    shared_sum,
+    touched,
+    keys,
+    values,
+):  # pragma: no cover - compiled
+    """Collect one CSR row's expressed, keyed entries ``start:stop`` with their rank values.
+
+    Writes ``keys[i]`` and ``values[i] = ((count / total) * 10_000) / median_by_key[key]``
+    (a median of 1 gives the CP10k value itself, exactly). Columns with ``col_key[j] < 0``
+    or a zero count are skipped; columns that share a key (``col_shared[j] = s >= 0``, key
+    ``shared_key[s]``) are summed first, in ``shared_sum`` (all zeros on entry and on return)
+    with ``touched`` as scratch, and come after the others. Returns the number written.
+    """
+    n, n_touched = 0, 0
+    for k in range(start, stop):
+        j = indices[k]
+        count = np.float64(data[k])
+        if count <= 0 or col_key[j] < 0:
+            continue
+        slot = col_shared[j]
+        if slot >= 0:
+            if shared_sum[slot] == 0:
+                touched[n_touched] = slot
+                n_touched += 1
+            shared_sum[slot] += count
+            continue
+        keys[n] = col_key[j]
+        values[n] = ((count / total) * TARGET_SUM) / median_by_key[col_key[j]]
+        n += 1
+    for i in range(n_touched):
+        slot = touched[i]
+        keys[n] = shared_key[slot]
+        values[n] = ((shared_sum[slot] / total) * TARGET_SUM) / median_by_key[shared_key[slot]]
+        shared_sum[slot] = 0.0
+        n += 1
+    return n
 
 
 @numba.njit(parallel=True, cache=True)
@@ -166,19 +214,18 @@ def rank_rows(
     indices,
     data,
     col_token,
-    col_median,
     col_shared,
     shared_token,
-    shared_median,
+    median_by_token,
     totals,
     offsets,
     out,
 ):  # pragma: no cover - compiled
     """Write each row's top-ranked gene tokens into ``out[offsets[r]:offsets[r + 1]]``.
 
-    ``col_token[j]`` is column j's token id (-1 outside the vocabulary), ``col_median[j]``
-    its median. Columns with ``col_shared[j] = s >= 0`` share token ``shared_token[s]``
-    (median ``shared_median[s]``) with other columns; their counts are summed first.
+    ``col_token[j]`` is column j's token id (-1 outside the vocabulary); columns with
+    ``col_shared[j] = s >= 0`` share token ``shared_token[s]`` with other columns and are
+    summed first (see :func:`gather_row`). ``median_by_token`` holds each token's median.
     """
     n_rows = indptr.shape[0] - 1
     n_shared = shared_token.shape[0]
@@ -187,8 +234,8 @@ def rank_rows(
         width = 1
         for r in range(first, stop):
             width = max(width, indptr[r + 1] - indptr[r])
-        neg_values = np.empty(width, dtype=np.float64)
         tokens = np.empty(width, dtype=np.int64)
+        values = np.empty(width, dtype=np.float64)
         packed = np.empty(width, dtype=np.uint64)
         spare = np.empty(width, dtype=np.uint64)
         histogram = np.empty((2, 256), dtype=np.int64)
@@ -198,30 +245,22 @@ def rank_rows(
             n_out = offsets[r + 1] - offsets[r]
             if n_out == 0:
                 continue
-            total = totals[r]
-            n, n_touched = 0, 0
-            for k in range(indptr[r], indptr[r + 1]):
-                j = indices[k]
-                count = np.float64(data[k])
-                if count <= 0 or col_token[j] < 0:
-                    continue
-                slot = col_shared[j]
-                if slot >= 0:
-                    if shared_sum[slot] == 0:
-                        touched[n_touched] = slot
-                        n_touched += 1
-                    shared_sum[slot] += count
-                    continue
-                neg_values[n] = -(((count / total) * TARGET_SUM) / col_median[j])
-                tokens[n] = col_token[j]
-                n += 1
-            for i in range(n_touched):
-                slot = touched[i]
-                neg_values[n] = -(((shared_sum[slot] / total) * TARGET_SUM) / shared_median[slot])
-                tokens[n] = shared_token[slot]
-                shared_sum[slot] = 0.0
-                n += 1
-            order = _rank_order(neg_values, tokens, n, packed, spare, histogram)
+            n = gather_row(
+                indptr[r],
+                indptr[r + 1],
+                indices,
+                data,
+                col_token,
+                col_shared,
+                shared_token,
+                median_by_token,
+                totals[r],
+                shared_sum,
+                touched,
+                tokens,
+                values,
+            )
+            order = _rank_order(values, tokens, n, packed, spare, histogram)
             base = offsets[r]
             for i in range(n_out):
                 out[base + i] = tokens[order[i]]
