@@ -9,57 +9,24 @@ from ._rank_kernel import gather_row
 
 
 @numba.njit(cache=True)
-def _row_width(indptr):  # pragma: no cover - compiled
+def place_cp10k(
+    indptr, indices, data, col_gene, col_shared, shared_gene, ones, totals, cursor, spill
+):  # pragma: no cover - compiled
+    """Advance ``cursor[g]`` once for every row expressing gene g, writing first.
+
+    With a non-empty ``spill``, the row's ``count / total * 10,000`` of g goes to
+    ``spill[cursor[g]]``, so consecutive chunks fill each gene's stretch in turn. With an empty
+    ``spill`` nothing is written and ``cursor`` ends up counting the expressing rows.
+    ``ones`` (a median of 1 for every gene) makes :func:`gather_row` return CP10k values.
+    """
     width = 1
     for r in range(indptr.shape[0] - 1):
         width = max(width, indptr[r + 1] - indptr[r])
-    return width
-
-
-@numba.njit(cache=True)
-def add_expressing_cells(
-    indptr, indices, data, col_gene, col_shared, shared_gene, ones, n_expressing
-):  # pragma: no cover - compiled
-    """Add to ``n_expressing[g]`` the rows in which gene g's summed count is non-zero."""
-    width = _row_width(indptr)
     genes = np.empty(width, dtype=np.int64)
     values = np.empty(width, dtype=np.float64)
     shared_sum = np.zeros(max(shared_gene.shape[0], 1), dtype=np.float64)
     touched = np.empty(max(shared_gene.shape[0], 1), dtype=np.int64)
-    for r in range(indptr.shape[0] - 1):
-        n = gather_row(
-            indptr[r],
-            indptr[r + 1],
-            indices,
-            data,
-            col_gene,
-            col_shared,
-            shared_gene,
-            ones,
-            1.0,
-            shared_sum,
-            touched,
-            genes,
-            values,
-        )
-        for i in range(n):
-            n_expressing[genes[i]] += 1
-
-
-@numba.njit(cache=True)
-def scatter_cp10k(
-    indptr, indices, data, col_gene, col_shared, shared_gene, ones, totals, cursor, spill
-):  # pragma: no cover - compiled
-    """Write each row's non-zero ``count / total * 10,000`` of gene g at ``spill[cursor[g]]``.
-
-    ``cursor[g]`` advances past each value written, so consecutive chunks fill each gene's
-    stretch of ``spill`` in turn.
-    """
-    width = _row_width(indptr)
-    genes = np.empty(width, dtype=np.int64)
-    values = np.empty(width, dtype=np.float64)
-    shared_sum = np.zeros(max(shared_gene.shape[0], 1), dtype=np.float64)
-    touched = np.empty(max(shared_gene.shape[0], 1), dtype=np.int64)
+    write = spill.shape[0] > 0
     for r in range(indptr.shape[0] - 1):
         n = gather_row(
             indptr[r],
@@ -77,7 +44,8 @@ def scatter_cp10k(
             values,
         )
         for i in range(n):
-            spill[cursor[genes[i]]] = values[i]
+            if write:
+                spill[cursor[genes[i]]] = values[i]
             cursor[genes[i]] += 1
 
 

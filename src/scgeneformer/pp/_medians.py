@@ -18,7 +18,7 @@ from .._genes import gene_names, normalize_gene_id
 from .._settings import settings
 from ._chunks import count_source, iter_csr_chunks
 from ._gene_plan import shared_columns
-from ._median_kernel import add_expressing_cells, scatter_cp10k, stretch_medians
+from ._median_kernel import place_cp10k, stretch_medians
 from ._rank_kernel import row_totals_checked
 
 CorpusItem = AnnData | str | os.PathLike
@@ -120,9 +120,12 @@ def corpus_nonzero_medians(
                         bar.update(chunk.shape[0])
 
     n_nonzero = np.zeros(len(index), dtype=np.int64)
+    nowhere = np.empty(0, dtype=np.float64)
     for chunk, plan, label in chunks("Vocabulary.build: counting"):
-        _checked_totals(chunk, label)
-        add_expressing_cells(chunk.indptr, chunk.indices, chunk.data, *plan, ones, n_nonzero)
+        totals = _checked_totals(chunk, label)
+        place_cp10k(
+            chunk.indptr, chunk.indices, chunk.data, *plan, ones, totals, n_nonzero, nowhere
+        )
     if n_nonzero.sum() == 0:
         raise ValueError("The corpus holds no non-zero counts.")
 
@@ -135,7 +138,7 @@ def corpus_nonzero_medians(
         cursor = starts.copy()
         for chunk, plan, label in chunks("Vocabulary.build: collecting"):
             totals = _checked_totals(chunk, label)
-            scatter_cp10k(
+            place_cp10k(
                 chunk.indptr, chunk.indices, chunk.data, *plan, ones, totals, cursor, values
             )
         names = np.array(list(index), dtype=object)
