@@ -1,7 +1,9 @@
 """Benchmark: ``tl.in_silico_delete`` against the same deletions run as Geneformer runs them.
 
 PBMC 3k cells tokenized with the official V1 dictionary, cut to ``--length`` tokens (small for
-the CPU; on a GPU pass ``--length 2048``), V1-10M with random weights (the official config).
+the CPU), or with ``--source random`` (the default where ../shared is absent, as on a GPU
+machine) cells of exactly ``--length`` random genes; V1-10M with random weights (the official
+config).
 The first ``--cells`` cells are the start state, the next ``--goal-cells`` the goal state.
 Every gene of every start cell is deleted in turn. On a CUDA machine both run on the GPU.
 
@@ -12,7 +14,9 @@ against the mean embedding of the goal cells. Ours is ``sgf.tl.in_silico_delete`
 statistics and the per-cell layer. Both run in this process; the per-cell shifts are checked
 equal.
 
-Run: ``.venv/bin/python bench/bench_in_silico.py [--cells 8] [--goal-cells 40] [--length 128]``
+Run: ``.venv/bin/python bench/bench_in_silico.py [--cells 8] [--goal-cells 40] [--length 128]
+[--source auto|pbmc|random]``; on a GPU, ``--source random --length 1400`` is Geneformer's
+typical V1 cell.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 import torch
 
 import scgeneformer as sgf
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REF = SHARED / "geneformer_ref"
+V1_GENES = 25_424
 BATCH = 100
 
 
@@ -64,6 +71,47 @@ def reference_shifts(model, tokens, n_tokens, start, goal) -> dict[tuple[int, in
     return shifts
 
 
+def pbmc_cells(n_cells: int, length: int) -> tuple[ad.AnnData, sgf.Vocabulary]:
+    """PBMC 3k cells tokenized with the official V1 dictionary, cut to ``length`` tokens."""
+    cells = ad.read_h5ad(SHARED / "data" / "pbmc3k" / "pbmc3k_labelled_counts.h5ad")[:n_cells]
+    cells = cells.copy()
+    vocab = sgf.Vocabulary.from_geneformer(
+        REF / "token_dictionary_gc30M.pkl", REF / "gene_median_dictionary_gc30M.pkl"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sgf.pp.rank_tokenize(cells, vocab, max_length=length)
+    return cells, vocab
+
+
+def random_cells(n_cells: int, length: int) -> tuple[ad.AnnData, sgf.Vocabulary]:
+    """Cells of ``length`` distinct random genes over a V1-sized vocabulary (no <cls>/<eos>).
+
+    Runs anywhere, a GPU machine without ../shared included; only lengths matter for speed.
+    """
+    genes = [f"ENSG{i:011d}" for i in range(1, V1_GENES + 1)]
+    vocab = sgf.Vocabulary(
+        {g: 2 + i for i, g in enumerate(genes)},
+        dict.fromkeys(genes, 1.0),
+        special_tokens={"<pad>": 0, "<mask>": 1},
+        name="random",
+        max_length=max(length, 2048),
+    )
+    rng = np.random.default_rng(0)
+    tokens = np.stack(
+        [rng.choice(vocab.gene_token_ids, length, replace=False) for _ in range(n_cells)]
+    )
+    cells = ad.AnnData(
+        sp.csr_matrix((n_cells, len(genes)), dtype=np.float32),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(n_cells)]),
+        var=pd.DataFrame({"geneformer_token": vocab.tokens_for(genes)}, index=genes),
+    )
+    cells.obsm["geneformer_tokens"] = tokens.astype(np.uint16)
+    cells.obs["geneformer_n_tokens"] = np.full(n_cells, length)
+    cells.uns["geneformer"] = {"vocabulary_sha256": vocab.sha256, "vocabulary_name": vocab.name}
+    return cells, vocab
+
+
 def main() -> None:
     from transformers import BertForMaskedLM
 
@@ -71,17 +119,23 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=8, help="start-state cells")
     parser.add_argument("--goal-cells", type=int, default=40)
     parser.add_argument("--length", type=int, default=128, help="tokens per cell at most")
+    parser.add_argument(
+        "--source",
+        choices=("auto", "pbmc", "random"),
+        default="auto",
+        help="PBMC 3k with the official V1 dictionary (needs ../shared), or random genes of a "
+        "V1-sized vocabulary, every cell --length long (default: PBMC when present)",
+    )
     args = parser.parse_args()
     sgf.settings.progress = False
-    pbmc = ad.read_h5ad(SHARED / "data" / "pbmc3k" / "pbmc3k_labelled_counts.h5ad")
-    cells = pbmc[: args.cells + args.goal_cells].copy()
+    if args.source == "auto":
+        args.source = "pbmc" if (SHARED / "data").is_dir() else "random"
+    n_cells = args.cells + args.goal_cells
+    if args.source == "pbmc":
+        cells, vocab = pbmc_cells(n_cells, args.length)
+    else:
+        cells, vocab = random_cells(n_cells, args.length)
     cells.obs["state"] = ["start"] * args.cells + ["goal"] * args.goal_cells
-    vocab = sgf.Vocabulary.from_geneformer(
-        REF / "token_dictionary_gc30M.pkl", REF / "gene_median_dictionary_gc30M.pkl"
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        sgf.pp.rank_tokenize(cells, vocab, max_length=args.length)
     tokens = cells.obsm["geneformer_tokens"]
     n_tokens = cells.obs["geneformer_n_tokens"].to_numpy()
     start, goal = np.arange(args.cells), np.arange(args.cells, len(n_tokens))
