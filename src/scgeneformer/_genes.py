@@ -24,6 +24,8 @@ def normalize_gene_id(name: str) -> str:
     'AC012345.1'
     """
     upper = str(name).strip().upper()
+    if "." not in upper:  # most names; the regex costs more than the rest together
+        return upper
     match = _ENSEMBL_VERSIONED.match(upper)
     return match.group(1) if match else upper
 
