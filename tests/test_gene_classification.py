@@ -65,6 +65,13 @@ def test_co_expressed_gene_modules_are_told_apart_out_of_fold(fitted, tmp_path):
     assert sorted(genes["gene"]) == sorted(labels)
     assert list(genes["pred"]) == var.loc[list(genes["gene"]), "module_pred"].astype(str).tolist()
 
+    # The co-expression baseline on the same folds: the modules are co-expressed by
+    # construction, so correlation with the labelled genes finds them.
+    baseline = result["baseline"]
+    print(f"gene modules: co-expression baseline AUROC {baseline['auroc']:.3f}")
+    assert baseline["auroc"] >= 0.9 and baseline["n_genes"] == len(labels)
+    assert len(baseline["folds"]["auroc"]) == 3
+
     assert clf.task == "gene" and clf.classes == ["A", "B"]
     history = result["history"]
     assert sorted(set(history["fold"])) == [-1, 0, 1, 2]
@@ -147,3 +154,18 @@ def test_gene_task_without_labels_lists_the_var_columns(modules):
         finetune(adata.copy(), tiny_model(vocab), label_key="module", task="gene")
     with pytest.raises(ValueError, match="n_folds must be at least 2"):
         finetune(adata.copy(), tiny_model(vocab), label_key="m", task="gene", n_folds=1)
+
+
+def test_coexpression_baseline_finds_modules_and_not_shuffled_labels(modules):
+    from scgeneformer.tl._baseline import coexpression_baseline
+    from scgeneformer.tl._splits import gene_folds
+
+    adata, _, labels = modules
+    columns = np.array([adata.var_names.get_loc(g) for g in labels])
+    codes = np.array([0 if labels[g] == "A" else 1 for g in labels])
+    folds = gene_folds(codes, 4, 0)
+    found = coexpression_baseline(adata.X, columns, codes, folds, 2)
+    assert found["auroc"] >= 0.95 and found["accuracy"] >= 0.9
+    shuffled = np.random.default_rng(0).permutation(codes)
+    chance = coexpression_baseline(adata.X, columns, shuffled, gene_folds(shuffled, 4, 0), 2)
+    assert chance["auroc"] < 0.75
