@@ -320,3 +320,25 @@ def test_backed_copy_is_refused(tmp_path):
             sgf.pp.rank_tokenize(backed, VOCAB, copy=True)
     finally:
         backed.file.close()
+
+
+def test_long_runs_of_exact_ties_keep_the_tie_rule():
+    """Equal medians and small counts make runs of hundreds of tied genes per cell (sorted by
+    merge sorts, not insertion); the order is still value descending, then token id."""
+    rng = np.random.default_rng(7)
+    genes = [f"ENSG{i:011d}" for i in range(600)]
+    token = {g: 4 + int(t) for g, t in zip(genes, rng.permutation(600), strict=True)}
+    vocab = sgf.Vocabulary(
+        token,
+        dict.fromkeys(genes, 2.0),
+        special_tokens={"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3},
+    )
+    counts = rng.integers(0, 4, size=(6, 600)) * (rng.random((6, 600)) < 0.8)
+    adata = ad.AnnData(sp.csr_matrix(counts.astype(np.float32)), var=pd.DataFrame(index=genes))
+    sgf.pp.rank_tokenize(adata, vocab)
+    ids = np.array([token[g] for g in genes])
+    for r in range(6):
+        expressed = np.flatnonzero(counts[r])
+        expected = ids[expressed][np.lexsort((ids[expressed], -counts[r, expressed]))]
+        n = adata.obs["geneformer_n_tokens"].iloc[r]
+        assert adata.obsm["geneformer_tokens"][r, 1 : n - 1].tolist() == expected.tolist()

@@ -22,7 +22,11 @@ BAD_NONFINITE, BAD_NEGATIVE, BAD_NONINTEGER = 1, 2, 3
 # Rows per parallel work item: scratch arrays are allocated once per block, not per row.
 BLOCK_ROWS = 64
 
+# Runs of one coarse sort key longer than this are sorted by merge sorts, not insertion.
+LONG_RUN = 64
+
 _LOW32 = np.uint64(0xFFFFFFFF)
+_HIGH = np.uint64(32)
 _BYTE = np.uint64(255)
 
 
@@ -143,9 +147,22 @@ def _rank_order(values, tokens, n, packed, spare, histogram):  # pragma: no cove
             target[histogram[digit, b]] = item
             histogram[digit, b] += 1
         source, target = target, source
+    # Entries with different coarse keys are in order already (the key never decreases as the
+    # value falls); within a run of one key the insertion pass below orders them exactly.
+    # Long runs (exact ties in practice) are sorted first, which insertion would take
+    # quadratic time over.
     order = source[:n]
+    start = 0
+    for i in range(1, n + 1):
+        if i == n or order[i] >> _HIGH != order[start] >> _HIGH:
+            if i - start > LONG_RUN:
+                for k in range(start, i):
+                    order[k] &= _LOW32
+                _sort_run(order[start:i], values, tokens)
+            start = i
     for i in range(n):
         order[i] &= _LOW32
+    # Written out in full: a helper call per entry here measured twice as slow.
     for p in range(1, n):
         entry = order[p]
         value, token = values[entry], tokens[entry]
@@ -157,6 +174,13 @@ def _rank_order(values, tokens, n, packed, spare, histogram):  # pragma: no cove
             q -= 1
         order[q + 1] = entry
     return order
+
+
+@numba.njit(cache=True)
+def _sort_run(run, values, tokens):  # pragma: no cover - compiled
+    """Order entries in place by value descending, then token id ascending, in n log n."""
+    by_token = run[np.argsort(tokens[run], kind="mergesort")]
+    run[:] = by_token[np.argsort(-values[by_token], kind="mergesort")]
 
 
 @numba.njit(inline="always")
