@@ -22,11 +22,10 @@ BAD_NONFINITE, BAD_NEGATIVE, BAD_NONINTEGER = 1, 2, 3
 # Rows per parallel work item: scratch arrays are allocated once per block, not per row.
 BLOCK_ROWS = 64
 
-# Runs of one coarse sort key longer than this are sorted by merge sorts, not insertion.
-LONG_RUN = 64
+# Moves per entry the insertion fix-up may make before a row is merge-sorted instead.
+MOVES_PER_ENTRY = 8
 
 _LOW32 = np.uint64(0xFFFFFFFF)
-_HIGH = np.uint64(32)
 _BYTE = np.uint64(255)
 
 
@@ -147,22 +146,14 @@ def _rank_order(values, tokens, n, packed, spare, histogram):  # pragma: no cove
             target[histogram[digit, b]] = item
             histogram[digit, b] += 1
         source, target = target, source
-    # Entries with different coarse keys are in order already (the key never decreases as the
-    # value falls); within a run of one key the insertion pass below orders them exactly.
-    # Long runs (exact ties in practice) are sorted first, which insertion would take
-    # quadratic time over.
     order = source[:n]
-    start = 0
-    for i in range(1, n + 1):
-        if i == n or order[i] >> _HIGH != order[start] >> _HIGH:
-            if i - start > LONG_RUN:
-                for k in range(start, i):
-                    order[k] &= _LOW32
-                _sort_run(order[start:i], values, tokens)
-            start = i
     for i in range(n):
         order[i] &= _LOW32
+    # Entries with different coarse keys are in order already; the insertion pass orders each
+    # run of one key exactly. Long runs of exact ties (genes sharing a median and a count)
+    # would make it quadratic: past a budget of moves the whole row is merge-sorted instead.
     # Written out in full: a helper call per entry here measured twice as slow.
+    moves, budget = 0, MOVES_PER_ENTRY * n
     for p in range(1, n):
         entry = order[p]
         value, token = values[entry], tokens[entry]
@@ -172,7 +163,11 @@ def _rank_order(values, tokens, n, packed, spare, histogram):  # pragma: no cove
         ):
             order[q + 1] = order[q]
             q -= 1
+        moves += p - 1 - q
         order[q + 1] = entry
+        if moves > budget:
+            _sort_run(order, values, tokens)
+            break
     return order
 
 
