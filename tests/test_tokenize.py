@@ -301,6 +301,12 @@ def test_cells_without_vocabulary_genes_are_kept_and_flagged():
     assert adata.uns["geneformer"]["n_cells_without_tokens"] == 2
 
 
+def test_no_cells_is_refused_clearly():
+    adata = make_adata(np.ones((3, 45)))[:0].copy()
+    with pytest.raises(ValueError, match="no cells"):
+        sgf.pp.rank_tokenize(adata, VOCAB)
+
+
 def test_unknown_layer_and_gene_key():
     adata = make_adata(np.ones((2, 45)))
     adata.layers["raw"] = adata.X.copy()

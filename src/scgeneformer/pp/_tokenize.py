@@ -264,6 +264,11 @@ def rank_tokenize(
             "only the annotation slots, or load it with adata.to_memory() first."
         )
     source = count_source(adata, layer)
+    if source.n_rows == 0:
+        raise ValueError(
+            "adata has no cells (n_obs == 0): nothing to tokenize. Check the selection that "
+            "made it."
+        )
     names = gene_names(adata, gene_key)
     max_length = vocab.max_length if max_length is None else int(max_length)
     max_genes = max_length - (2 if vocab.has_cls else 0)
