@@ -27,7 +27,12 @@ from scgeneformer.data import TokenStore, build_token_store
 from .conftest import shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("01_quickstart.ipynb", "03_official_checkpoints.ipynb", "04_pretraining_corpus.ipynb")
+NOTEBOOKS = (
+    "01_quickstart.ipynb",
+    "03_official_checkpoints.ipynb",
+    "04_pretraining_corpus.ipynb",
+    "05_classifiers.ipynb",
+)
 TINY = dict(
     num_hidden_layers=2,
     hidden_size=32,
@@ -301,3 +306,84 @@ def test_api_page_lists_every_public_name():
     for entry in sorted(listed):  # and everything listed exists, so the docs build finds it
         module, _, name = f"scgeneformer.{entry}".rpartition(".")
         assert hasattr(importlib.import_module(module), name), entry
+
+
+# ------------------------------------------------------------------ 05: classifiers
+def test_classifier_chain_split_by_donor_saved_and_genes(tmp_path):
+    adata = sgf.datasets.synthetic_states(n_cells=400, n_genes=200, n_donors=8, random_state=0)
+    aside = adata.obs["donor"].isin(["donor_7", "donor_8"]).to_numpy()
+    assert aside.sum() == 100  # the notebook's donor names exist
+    new_patients = adata[aside].copy()
+    adata = adata[~aside].copy()
+
+    vocab = sgf.Vocabulary.build(adata, max_length=64, name="synthetic")
+    sgf.pp.rank_tokenize(adata, vocab)
+    model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **TINY)
+    model = sgf.tl.pretrain(
+        adata,
+        model,
+        output_dir=tmp_path / "pretrain",
+        max_steps=4,
+        warmup_steps=1,
+        token_budget=1024,
+        save_every=4,
+        log_every=2,
+        random_state=0,
+    )
+    clf = sgf.tl.finetune(
+        adata,
+        model,
+        label_key="state",
+        group_key="donor",
+        epochs=2,
+        lr=1e-3,
+        batch_tokens=1024,
+        random_state=0,
+    )
+    result = adata.uns["state_finetune"]
+    parts = [set(result["groups"][name]) for name in ("train", "val", "test")]
+    assert set.union(*parts) == {f"donor_{i}" for i in range(1, 7)}
+    assert sum(len(p) for p in parts) == 6  # no donor in two parts
+    assert 0 <= result["baseline"]["macro_f1"] <= 1
+    ax = sgf.pl.confusion_matrix(adata, "state", show=False)
+    assert ax is not None
+    plt.close("all")
+
+    clf.save(tmp_path / "state_classifier")
+    loaded = sgf.GeneformerClassifier.from_pretrained(tmp_path / "state_classifier")
+    sgf.tl.predict(new_patients, loaded)
+    assert new_patients.obs["state_pred"].notna().all()
+    proba = new_patients.obsm["state_proba"]
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+
+    modules = sgf.datasets.synthetic_states(
+        n_cells=150,
+        n_genes=200,
+        n_cell_types=1,
+        n_drivers=2,
+        n_targets_per_driver=10,
+        effect_size=0.0,
+        random_state=0,
+    )
+    driver_of = modules.var["driver_of"]
+    first = sorted(set(driver_of[driver_of != ""]))[0]
+    labels = {g: "A" if d == first else "B" for g, d in driver_of[driver_of != ""].items()}
+    gene_vocab = sgf.Vocabulary.build(modules, max_length=64, name="modules")
+    gene_model = sgf.Geneformer.from_config("V1-10M", gene_vocab, random_state=0, **TINY)
+    sgf.tl.finetune(
+        modules,
+        gene_model,
+        label_key="module",
+        task="gene",
+        gene_labels=labels,
+        epochs=1,
+        lr=1e-3,
+        batch_tokens=1024,
+        n_folds=5,
+        random_state=0,
+    )
+    genes = modules.uns["module_finetune"]
+    assert {"auroc", "accuracy"} <= set(genes["baseline"])
+    assert len(genes["folds"]["auroc"]) == 5
+    shown = modules.var.loc[list(labels), ["module_pred", "module_score", "module_fold"]]
+    assert shown["module_fold"].between(0, 4).all()
