@@ -21,12 +21,14 @@ def pbmc68k_reduced() -> AnnData:
     three decimals; this loader inverts that back to the integer counts (it checks that every
     value lands within 0.25 of an integer) so that they can be rank-value tokenized.
 
-    Only 765 genes are kept, so each cell's total count is not the sum of its genes here:
-    ``obs["n_counts"]`` holds the original totals; pass ``total_key="n_counts"`` to
-    :func:`~scgeneformer.pp.rank_tokenize` to rank exactly as on the full data. Genes are
-    symbols: tokenize with a vocabulary that maps symbols (the official
-    ``gene_name_id_dict_*.pkl``) or one built on these symbols with
-    :meth:`~scgeneformer.Vocabulary.build`.
+    Only 765 genes are kept, so a cell's total count is not the sum of its genes here;
+    ``obs["n_counts"]`` holds the original totals. The total changes a cell's token order only
+    where two genes' count / median are equal, through the float64 rounding of Geneformer's
+    ``count / total * 10,000 / median``; pass ``total_key="n_counts"`` to
+    :func:`~scgeneformer.pp.rank_tokenize` to order those as on the full data. Medians
+    computed here with :meth:`~scgeneformer.Vocabulary.build` normalise by the 765-gene sums.
+    Genes are symbols: tokenize with a vocabulary that maps symbols (the official
+    ``gene_name_id_dict_*.pkl``) or one built on these symbols.
 
     Returns
     -------
@@ -46,9 +48,8 @@ def pbmc68k_reduced() -> AnnData:
     import scanpy as sc
 
     bundled = sc.datasets.pbmc68k_reduced()
-    logged = sparse.csr_matrix(bundled.raw.X, dtype=np.float64)
+    counts = sparse.csr_matrix(bundled.raw.X, dtype=np.float64, copy=True)
     totals = bundled.obs["n_counts"].to_numpy(dtype=np.float64)
-    counts = logged.copy()
     counts.data = np.expm1(counts.data) * np.repeat(totals, np.diff(counts.indptr)) / _TARGET_SUM
     off = np.abs(counts.data - np.round(counts.data)).max(initial=0.0)
     if off > _MAX_ROUNDING:
@@ -56,7 +57,7 @@ def pbmc68k_reduced() -> AnnData:
             f"scanpy's pbmc68k_reduced no longer inverts to integer counts (off by up to "
             f"{off:.2f}); this loader needs updating for scanpy {sc.__version__}."
         )
-    counts.data = np.round(counts.data).astype(np.float32)
+    counts.data = np.round(counts.data)
     counts.eliminate_zeros()
     return AnnData(
         X=counts.astype(np.float32),
