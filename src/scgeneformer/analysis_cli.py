@@ -19,13 +19,8 @@ def _read_cells(args: argparse.Namespace):
     model = Geneformer.from_pretrained(args.model)
     adata = ad.read_h5ad(args.input)
     if "geneformer_tokens" not in adata.obsm:
-        rank_tokenize(
-            adata,
-            model.vocab,
-            layer=args.counts_layer,
-            gene_key=args.gene_key,
-            max_length=model.max_length,
-        )
+        # The tools would tokenize X themselves; this passes the counts layer and gene key.
+        rank_tokenize(adata, model.vocab, layer=args.counts_layer, gene_key=args.gene_key)
     return adata, model
 
 
