@@ -35,7 +35,7 @@ import scgeneformer as sgf
 from scgeneformer.data import pack_tokens, restore_order, token_budget_batches
 from scgeneformer.model import PRESETS, Geneformer, GeneformerConfig
 from scgeneformer.model import attention as attention_module
-from scgeneformer.model.attention import packed_positions
+from scgeneformer.model._attention import packed_positions
 
 TINY = GeneformerConfig(2, 64, 4, 128, 256, vocab_size=300)
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import scgeneformer as sgf
-from scgeneformer.model.classifier import GeneformerClassifier
+from scgeneformer.model._classifier import GeneformerClassifier
 from scgeneformer.tl._finetune import _batch_logits, predict
 
 from .conftest import small_vocab

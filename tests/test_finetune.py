@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import scgeneformer as sgf
-from scgeneformer.model.classifier import GeneformerClassifier
+from scgeneformer.model._classifier import GeneformerClassifier
 from scgeneformer.pl._classification import confusion_matrix
 from scgeneformer.tl._finetune import _cell_proba, _fit, finetune, predict
 from scgeneformer.tl._splits import split_cells

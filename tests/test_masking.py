@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scgeneformer.data.masking import GeneMasker, batch_generator
+from scgeneformer.data._masking import GeneMasker, batch_generator
 
 from .conftest import small_vocab
 

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import scgeneformer as sgf
-from scgeneformer.data.masking import GeneMasker, batch_generator
-from scgeneformer.data.sources import PaddedTokens
-from scgeneformer.data.store import build_token_store
+from scgeneformer.data._masking import GeneMasker, batch_generator
+from scgeneformer.data._sources import PaddedTokens
+from scgeneformer.data._store import build_token_store
 from scgeneformer.pl._training import loss_curve
 from scgeneformer.pretrain_cli import main as pretrain_main
 from scgeneformer.tl import _checkpointing
-from scgeneformer.tl._checkpointing import list_checkpoints
 from scgeneformer.tl._pretrain import _prepare, _Trainer, pretrain
+from scgeneformer.train._checkpoints import list_checkpoints
 
 from .test_token_store import random_cells, write_arrow_dataset
 

@@ -15,8 +15,8 @@ import torch
 
 import scgeneformer as sgf
 from scgeneformer.pretrain_cli import build_model, load_config
-from scgeneformer.tl._checkpointing import list_checkpoints
 from scgeneformer.tl._pretrain import pretrain
+from scgeneformer.train._checkpoints import list_checkpoints
 
 from .test_pretrain import TINY, counts_corpus
 

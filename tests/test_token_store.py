@@ -13,8 +13,8 @@ import pytest
 import scipy.sparse as sp
 
 import scgeneformer as sgf
-from scgeneformer.data.sources import read_arrow_dataset
-from scgeneformer.data.store import TokenStore, build_token_store, store_matches
+from scgeneformer.data._sources import read_arrow_dataset
+from scgeneformer.data._store import TokenStore, build_token_store, store_matches
 
 V1_SPECIAL = {"<pad>": 0, "<mask>": 1}
 

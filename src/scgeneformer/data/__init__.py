@@ -1,9 +1,9 @@
 """Data plumbing: token-budget batching and packing, the on-disk token store, masking."""
 
-from .batching import pack_tokens, restore_order, token_budget_batches
-from .masking import GeneMasker, MaskedBatch
-from .sources import read_arrow_dataset
-from .store import TokenStore, build_token_store
+from ._batching import pack_tokens, restore_order, token_budget_batches
+from ._masking import GeneMasker, MaskedBatch
+from ._sources import read_arrow_dataset
+from ._store import TokenStore, build_token_store
 
 __all__ = [
     "GeneMasker",

@@ -1,7 +1,7 @@
 """The Geneformer encoder: presets, model, attention paths and HF-layout checkpoints."""
 
-from .classifier import GeneformerClassifier
-from .config import PRESETS, GeneformerConfig
-from .geneformer import Geneformer
+from ._classifier import GeneformerClassifier
+from ._config import PRESETS, GeneformerConfig
+from ._geneformer import Geneformer
 
 __all__ = ["PRESETS", "Geneformer", "GeneformerClassifier", "GeneformerConfig"]

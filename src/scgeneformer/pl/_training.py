@@ -10,7 +10,7 @@ from typing import Any
 from matplotlib.axes import Axes
 
 from ..model import Geneformer, GeneformerClassifier
-from ..model.checkpoint import METADATA_NAME
+from ..model._hf_folder import METADATA_NAME
 from ._utils import finish, new_axes
 
 

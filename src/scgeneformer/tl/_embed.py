@@ -9,9 +9,9 @@ import torch
 from anndata import AnnData
 
 from ..model import Geneformer
+from ..train._optim import resolve_device_dtype
 from ._inference import check_pooling, encode_cells, hidden_layer_index
 from ._tokens import TOKENS_KEY, cell_tokens
-from ._training import resolve_device_dtype
 
 
 def embed(

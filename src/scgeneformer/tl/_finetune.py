@@ -15,14 +15,20 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from .._settings import settings
-from ..data.batching import pack_tokens, restore_order, token_budget_batches
+from ..data._batching import pack_tokens, restore_order, token_budget_batches
 from ..model import Geneformer
-from ..model.classifier import GeneformerClassifier, check_freeze_layers
+from ..model._classifier import GeneformerClassifier, check_freeze_layers
+from ..train._optim import (
+    adamw,
+    autocast,
+    linear_warmup_decay,
+    resolve_device_dtype,
+    seed_everything,
+)
 from ._baseline import coexpression_baseline, pca_logreg_baseline
 from ._inference import inference_on
 from ._splits import SPLITS, check_fraction, gene_folds, split_cells
 from ._tokens import TOKENS_KEY, cell_tokens
-from ._training import adamw, autocast, linear_warmup_decay, resolve_device_dtype, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -382,7 +388,7 @@ def finetune(
     is chosen to have about ``test_size`` of the cells and the overall class mix), else
     stratified by class. A copy of ``model`` with a ``BertForSequenceClassification`` head
     (pooler on the hidden state at position 0, then dropout and a linear layer; see
-    :class:`~scgeneformer.model.classifier.GeneformerClassifier` for what position 0 is under
+    :class:`~scgeneformer.GeneformerClassifier` for what position 0 is under
     V1 and V2 vocabularies) is trained end to end with class-weighted cross-entropy, AdamW,
     linear warm-up and decay; after each epoch it is scored on the validation part, training
     stops after ``early_stopping_patience`` epochs without a better validation macro-F1, and
@@ -459,7 +465,7 @@ def finetune(
 
     Returns
     -------
-    The fine-tuned :class:`~scgeneformer.model.classifier.GeneformerClassifier`, with its
+    The fine-tuned :class:`~scgeneformer.GeneformerClassifier`, with its
     per-epoch ``history`` (``{"epoch", "step", "loss", "val_loss", "val_macro_f1"}``, lists of
     equal length; :func:`scgeneformer.tl.predict` applies it to new cells). With ``key =
     key_added or label_key``, writes:
@@ -1045,7 +1051,7 @@ def predict(
         Cells; tokens or raw counts.
     clf
         From :func:`finetune`, or loaded with
-        :meth:`~scgeneformer.model.classifier.GeneformerClassifier.from_pretrained`.
+        :meth:`~scgeneformer.GeneformerClassifier.from_pretrained`.
     key_added
         Prefix of the result slots; default the classifier's ``label_key``, else
         ``"geneformer_class"``.

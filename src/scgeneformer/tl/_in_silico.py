@@ -22,12 +22,12 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from .._settings import settings
-from ..data.distributed import setup_distributed
 from ..model import Geneformer
+from ..train._distributed import setup_distributed
+from ..train._optim import autocast, resolve_device_dtype
 from ._inference import check_pooling, encode_cells, hidden_layer_index, inference_on
 from ._perturb_stats import gene_statistics
 from ._tokens import TOKENS_KEY, cell_tokens
-from ._training import autocast, resolve_device_dtype
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .._settings import settings
-from ..data.batching import pack_tokens, token_budget_batches
+from ..data._batching import pack_tokens, token_budget_batches
 from ..model import Geneformer
-from ._training import autocast
+from ..train._optim import autocast
 
 POOLINGS = ("mean", "cls")
 

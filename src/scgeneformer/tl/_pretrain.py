@@ -20,12 +20,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .._settings import settings
-from ..data.batching import pack_tokens
-from ..data.distributed import Distributed, setup_distributed
-from ..data.masking import GeneMasker, batch_generator
-from ..data.sources import TokenSource, epoch_batches, gene_counts, open_corpus, rank_batches
+from ..data._batching import pack_tokens
+from ..data._masking import GeneMasker, batch_generator
+from ..data._sources import TokenSource, epoch_batches, gene_counts, open_corpus, rank_batches
 from ..model import Geneformer
-from ._checkpointing import (
+from ..train._checkpoints import (
     capture_rng,
     ensure_writable,
     list_checkpoints,
@@ -35,7 +34,14 @@ from ._checkpointing import (
     save_checkpoint,
     write_json_atomic,
 )
-from ._training import adamw, autocast, linear_warmup_decay, resolve_device_dtype, seed_everything
+from ..train._distributed import Distributed, setup_distributed
+from ..train._optim import (
+    adamw,
+    autocast,
+    linear_warmup_decay,
+    resolve_device_dtype,
+    seed_everything,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +301,7 @@ def pretrain(
         :func:`~scgeneformer.pp.rank_tokenize` with the model's vocabulary; made now if
         absent), or paths: h5ad files with raw counts (tokenized with the model's vocabulary
         into a token store at ``output_dir/token_store``, see
-        :func:`~scgeneformer.data.store.build_token_store`), token-store folders, or
+        :func:`~scgeneformer.data.build_token_store`), token-store folders, or
         Geneformer tokenized data sets (arrow folders; needs ``pyarrow``).
     model
         A model with an MLM head, e.g. ``Geneformer.from_config("V1-10M", vocab)``; trained

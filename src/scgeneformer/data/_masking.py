@@ -64,7 +64,7 @@ class GeneMasker:
     Examples
     --------
     >>> import torch, scgeneformer as sgf
-    >>> from scgeneformer.data.masking import GeneMasker
+    >>> from scgeneformer.data._masking import GeneMasker
     >>> genes = [f"G{i}" for i in range(20)]
     >>> vocab = sgf.Vocabulary({g: i + 2 for i, g in enumerate(genes)}, dict.fromkeys(genes, 1.0))
     >>> masker = GeneMasker(vocab, mask_fraction=0.25)

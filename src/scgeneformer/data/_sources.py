@@ -2,7 +2,7 @@
 
 A source has ``lengths`` (tokens per cell) and ``padded(indices)`` (a right-padded int64 batch).
 Three kinds exist: an AnnData's token slots (:class:`PaddedTokens`), an on-disk token store
-(:class:`~scgeneformer.data.store.TokenStore`) and Geneformer's own tokenized data sets
+(:class:`~scgeneformer.data.TokenStore`) and Geneformer's own tokenized data sets
 (Hugging Face ``datasets`` arrow folders with an ``input_ids`` column,
 :func:`read_arrow_dataset`).
 """
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from anndata import AnnData
 
-from .batching import token_budget_batches
-from .distributed import Distributed
-from .store import FlatTokens, TokenStore, build_token_store, store_matches
+from ..train._distributed import Distributed
+from ._batching import token_budget_batches
+from ._store import FlatTokens, TokenStore, build_token_store, store_matches
 
 if TYPE_CHECKING:
     from ..model import Geneformer
@@ -141,7 +141,7 @@ def read_arrow_dataset(folder: str | os.PathLike) -> FlatTokens:
 
     Returns
     -------
-    A :class:`~scgeneformer.data.store.FlatTokens` source.
+    A :class:`~scgeneformer.data.FlatTokens` source.
 
     Examples
     --------

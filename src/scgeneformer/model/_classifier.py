@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ..vocab import Vocabulary
-from . import checkpoint as ckpt
-from .encoder import init_weights
-from .geneformer import Geneformer, TensorLike
+from . import _hf_folder as ckpt
+from ._encoder import init_weights
+from ._geneformer import Geneformer, TensorLike
 
 Task = Literal["cell", "gene"]
 ARCHITECTURES: dict[str, str] = {
@@ -93,7 +93,7 @@ class GeneformerClassifier(nn.Module):
     Examples
     --------
     >>> import scgeneformer as sgf, torch
-    >>> from scgeneformer.model.classifier import GeneformerClassifier
+    >>> from scgeneformer.model._classifier import GeneformerClassifier
     >>> genes = [f"ENSG{i:011d}" for i in range(50)]
     >>> vocab = sgf.Vocabulary({g: i + 2 for i, g in enumerate(genes)}, dict.fromkeys(genes, 1.0))
     >>> model = sgf.Geneformer.from_config("V1-10M", vocab, num_hidden_layers=2, random_state=0)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..model import Geneformer
-from ..model.checkpoint import read_json, read_weights
+from ..model._hf_folder import read_json, read_weights
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_PT = "trainer_state.pt"

@@ -478,7 +478,7 @@ def build_token_store(
 
     Examples
     --------
-    >>> from scgeneformer.data.store import build_token_store
+    >>> from scgeneformer.data._store import build_token_store
     >>> store = build_token_store(["a.h5ad", "b.h5ad"], vocab, "corpus_store",
     ...                           obs_keys=["cell_type"], n_jobs=2)  # doctest: +SKIP
     >>> store.obs()["cell_type"].value_counts()  # doctest: +SKIP

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from ..vocab import Vocabulary
-from . import checkpoint as ckpt
-from .attention import PackedAttention, PaddedAttention, key_padding_bias, packed_positions
-from .config import PRESETS, GeneformerConfig, preset
-from .encoder import Bert, MLMHead, init_weights
+from . import _hf_folder as ckpt
+from ._attention import PackedAttention, PaddedAttention, key_padding_bias, packed_positions
+from ._config import PRESETS, GeneformerConfig, preset
+from ._encoder import Bert, MLMHead, init_weights
 
 TensorLike = torch.Tensor | np.ndarray
 
