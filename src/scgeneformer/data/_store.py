@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +38,10 @@ from tqdm.auto import tqdm
 from .._genes import gene_names
 from .._settings import settings
 from .._version import __version__
-from ..pp._chunks import count_source, iter_csr_chunks
+from ..pp._chunks import count_source
 from ..pp._gene_plan import plan_genes
 from ..pp._medians import open_corpus_item
-from ..pp._tokenize import (
-    RankedChunk,
-    _raise_bad_counts,
-    numba_threads,
-    rank_chunk,
-    token_dtype,
-)
+from ..pp._ranked_chunks import RankedChunk, iter_ranked_chunks, numba_threads, token_dtype
 from ..vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -319,6 +313,14 @@ def flat_with_specials(ranked: RankedChunk, vocab: Vocabulary) -> tuple[np.ndarr
     return flat, n_tokens
 
 
+def _labelled_errors(chunks: Iterator[Any], label: str) -> Iterator[Any]:
+    """Pass ``chunks`` through; a bad-counts error gains the corpus item's name."""
+    try:
+        yield from chunks
+    except ValueError as err:
+        raise ValueError(f"{label}: {err}") from None
+
+
 def _tokenize_item(job: _ShardJob) -> dict[str, Any]:
     """Tokenize one corpus item into a shard folder; returns its manifest entry.
 
@@ -341,13 +343,10 @@ def _tokenize_item(job: _ShardJob) -> dict[str, Any]:
         plan = plan_genes(gene_names(adata, job.gene_key), job.vocab, gene_key=job.gene_key)
         lengths = []
         with numba_threads(job.n_threads), open(folder / TOKENS_NAME, "wb") as fh:
-            for start, chunk in iter_csr_chunks(source, job.chunk_size):
-                ranked, bad_code, bad_value = rank_chunk(chunk, plan, max_genes, dtype)
-                if bad_code.any():
-                    try:
-                        _raise_bad_counts(source, bad_code, bad_value, adata.obs_names, start)
-                    except ValueError as err:
-                        raise ValueError(f"{label}: {err}") from None
+            ranked_chunks = iter_ranked_chunks(
+                source, plan, max_genes, dtype, adata.obs_names, chunk_size=job.chunk_size
+            )
+            for _, _, ranked in _labelled_errors(ranked_chunks, label):
                 flat, n_tokens = flat_with_specials(ranked, job.vocab)
                 flat.tofile(fh)
                 lengths.append(n_tokens)

@@ -16,8 +16,7 @@ from tqdm.auto import tqdm
 
 from .._genes import gene_names, normalize_gene_id
 from .._settings import settings
-from ._chunks import count_source, iter_csr_chunks
-from ._gene_plan import shared_columns
+from ._chunks import count_source, iter_csr_chunks, shared_columns
 from ._median_kernel import place_cp10k, stretch_medians
 from ._rank_kernel import row_totals_checked
 
