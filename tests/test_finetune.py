@@ -33,7 +33,7 @@ TINY = dict(
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
 )
-FAST = dict(epochs=2, lr=1e-3, batch_tokens=1024)
+FAST = dict(epochs=2, lr=1e-3, token_budget=1024)
 
 
 def tiny_model(vocab: sgf.Vocabulary, seed: int = 0, **overrides) -> sgf.Geneformer:
@@ -81,7 +81,7 @@ def pbmc(pbmc3k):
 def test_pbmc3k_cell_types_are_learned_beside_the_pca_baseline(pbmc):
     adata, model = pbmc
     adata = adata.copy()
-    clf = finetune(adata, model, label_key="cell_type", epochs=10, lr=1e-3, batch_tokens=4096)
+    clf = finetune(adata, model, label_key="cell_type", epochs=10, lr=1e-3, token_budget=4096)
     result = adata.uns["cell_type_finetune"]
     print(
         f"PBMC 3k held-out macro-F1 {result['macro_f1']:.3f} (accuracy {result['accuracy']:.3f});"

@@ -12,7 +12,7 @@ from scgeneformer.train._history import as_history
 
 from .test_finetune import tiny_model
 
-FAST = dict(epochs=6, lr=1e-3, batch_tokens=1024, n_folds=3)
+FAST = dict(epochs=6, lr=1e-3, token_budget=1024, n_folds=3)
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ def run_demo(config: DemoConfig) -> dict:
         group_key=group_key,
         epochs=config.finetune_epochs,
         lr=1e-3,
-        batch_tokens=8192,
+        token_budget=8192,
         random_state=config.seed,
     )
     confusion_matrix(adata, config.state_key, show=False)
@@ -176,7 +176,7 @@ def run_demo(config: DemoConfig) -> dict:
         start_state=config.start,
         goal_state=config.goal,
         max_cells=config.deletion_cells,
-        layer=0,
+        emb_layer=0,
         random_state=config.seed,
     )
     deletion_ranking(adata, KEY, n_top=20, show=False)

@@ -21,8 +21,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -33,9 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from tqdm.auto import tqdm
 
+from .._atomic import atomic_folder
 from .._genes import gene_names
+from .._progress import progress_bar
 from .._settings import settings
 from .._version import __version__
 from ..pp._chunks import count_source
@@ -501,9 +500,7 @@ def build_token_store(
         total_bytes = sum(f.stat().st_size for f in files)
         n_workers = max(1, min(n_workers, -(-total_bytes // _BYTES_PER_WORKER)))
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         jobs = [
             _ShardJob(
                 item=item,
@@ -541,9 +538,6 @@ def build_token_store(
             "shards": shards,
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        _swap_into_place(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Token store %s: %d cells in %d shards", folder, manifest["n_cells"], len(shards))
     return TokenStore(folder)
 
@@ -552,7 +546,7 @@ def _run_jobs(jobs: list[_ShardJob], n_workers: int) -> list[dict[str, Any]]:
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     in_process = [i for i, job in enumerate(jobs) if isinstance(job.item, AnnData)]
     pooled = [i for i in range(len(jobs)) if i not in set(in_process)]
-    bar = tqdm(total=len(jobs), desc="token store", unit="files", disable=not settings.progress)
+    bar = progress_bar(total=len(jobs), desc="token store", unit="files")
     with bar:
         for i in in_process:
             results[i] = _tokenize_item(jobs[i])
@@ -570,17 +564,6 @@ def _run_jobs(jobs: list[_ShardJob], n_workers: int) -> list[dict[str, Any]]:
                     results[futures[future]] = future.result()
                     bar.update(1)
     return [r for r in results if r is not None]
-
-
-def _swap_into_place(tmp: Path, folder: Path) -> None:
-    """Rename a finished store into place; an old store is moved aside, then removed."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        folder.rename(old)
-    tmp.rename(folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["FlatTokens", "TokenStore", "build_token_store", "flat_with_specials"]

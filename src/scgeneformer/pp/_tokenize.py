@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from tqdm.auto import tqdm
 
 from .._genes import gene_names
+from .._progress import progress_bar
 from .._settings import settings
 from .._version import __version__
 from ..vocab import Vocabulary
@@ -180,11 +180,11 @@ def rank_tokenize(
 
     chunks: list[RankedChunk] = []
     n_chunks = -(-source.n_rows // chunk_size)
-    progress = tqdm(
+    progress = progress_bar(
         total=source.n_rows,
         desc="rank_tokenize",
         unit="cells",
-        disable=not settings.progress or n_chunks < 2,
+        enabled=settings.progress and n_chunks >= 2,
     )
     ranked_chunks = iter_ranked_chunks(
         source, plan, max_genes, dtype, adata.obs_names, chunk_size=chunk_size, totals=totals

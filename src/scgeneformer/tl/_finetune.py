@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from .._deprecation import renamed_keywords
 from .._settings import settings
 from ..model import Geneformer
 from ..model._classifier import GeneformerClassifier, check_freeze_layers
@@ -62,6 +63,7 @@ def _check_training_args(
     check_fraction("val_size", val_size, allow_zero=True)
 
 
+@renamed_keywords(batch_tokens="token_budget")
 def finetune(
     adata: AnnData,
     model: Geneformer,
@@ -75,7 +77,7 @@ def finetune(
     epochs: int = 10,
     lr: float = 5e-5,
     weight_decay: float = 0.001,
-    batch_tokens: int | None = None,
+    token_budget: int | None = None,
     class_weight: Literal["balanced"] | None = "balanced",
     early_stopping_patience: int | None = 3,
     baseline: bool = True,
@@ -144,7 +146,7 @@ def finetune(
         Peak learning rate.
     weight_decay
         AdamW weight decay on weight matrices.
-    batch_tokens
+    token_budget
         Tokens per training batch (default a quarter of ``sgf.settings.token_budget``);
         evaluation batches take four times as many.
     class_weight
@@ -230,7 +232,7 @@ def finetune(
     key = key_added or label_key
     device_, dtype_ = resolve_device_dtype(device, dtype)
     train_budget = (
-        settings.token_budget // _TRAIN_BUDGET_SHARE if batch_tokens is None else int(batch_tokens)
+        settings.token_budget // _TRAIN_BUDGET_SHARE if token_budget is None else int(token_budget)
     )
     options = FitOptions(
         freeze_layers=int(freeze_layers),

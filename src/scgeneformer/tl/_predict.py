@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from .._deprecation import renamed_keywords
 from .._progress import progress_bar
 from .._settings import settings
 from .._slots import positions_of, table_to_var, var_tokens
@@ -114,12 +115,13 @@ def write_gene_predictions(
         adata.var[f"{key}_fold"] = np.where(found, folds[index], -1)
 
 
+@renamed_keywords(batch_tokens="token_budget")
 def predict(
     adata: AnnData,
     clf: GeneformerClassifier,
     *,
     key_added: str | None = None,
-    batch_tokens: int | None = None,
+    token_budget: int | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> None:
@@ -138,8 +140,9 @@ def predict(
     key_added
         Prefix of the result slots; default the classifier's ``label_key``, else
         ``"geneformer_class"``.
-    batch_tokens
-        Tokens per batch (default ``sgf.settings.token_budget``).
+    token_budget
+        Tokens per batch (default ``sgf.settings.token_budget``; ``batch_tokens=`` is its old
+        name, which still works with a warning until version 0.3).
     device, dtype
         Default ``sgf.settings``; the classifier is moved to ``device``.
 
@@ -176,7 +179,7 @@ def predict(
         "vocabulary_sha256": clf.vocab.sha256,
         "n_cells_without_tokens": empty,
     }
-    run = {"budget": batch_tokens, "device": device_, "dtype": dtype_}
+    run = {"budget": token_budget, "device": device_, "dtype": dtype_}
     if clf.task == "cell":
         proba = cell_proba(clf, tokens, n_tokens, progress=settings.progress, **run)
         write_cell_predictions(adata, key, clf.classes, proba)

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
+from .._atomic import write_json_atomic
+from .._progress import progress_bar
 from ..data._batching import pack_tokens, packs_cells
 from ..data._masking import GeneMasker, batch_generator
 from ..data._sources import (
@@ -40,7 +41,6 @@ from ._checkpoints import (
     remove_partial,
     restore_rng,
     save_checkpoint,
-    write_json_atomic,
 )
 from ._distributed import Distributed
 from ._optim import (
@@ -374,12 +374,12 @@ class PretrainRun:
             net = DistributedDataParallel(self.model, device_ids=device_ids)
         interval = _Interval()
         batches, batches_epoch = None, -1
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps,
             initial=self.step,
             desc="pretrain",
             unit="step",
-            disable=not (self.args.progress and self.ctx.is_main),
+            enabled=self.args.progress and self.ctx.is_main,
         )
         with bar:
             while self.step < self.total_steps:
