@@ -1,4 +1,4 @@
-"""Package-wide settings: device, dtype, batch token budget, seed, workers, progress, logging."""
+"""Package-wide settings: device, dtype, batch token budget, workers, progress, logging."""
 
 from __future__ import annotations
 
@@ -28,8 +28,6 @@ class Settings:
         ``"float16"``.
     token_budget
         Tokens per batch when cells are packed for the model.
-    seed
-        Default random seed.
     n_jobs
         Worker threads for tokenization (default: all cores).
     progress
@@ -55,7 +53,6 @@ class Settings:
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     token_budget: int = 65_536
-    seed: int = 0
     n_jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
     progress: bool = True
     verbosity: int | str = 1

@@ -33,10 +33,6 @@ def _as_dict(source: PathOrDict, what: str) -> dict[str, Any]:
     return load_plain_dict(source, what=what)
 
 
-def _source_name(source: PathOrDict) -> str | None:
-    return None if isinstance(source, Mapping) else Path(source).name
-
-
 class Vocabulary:
     """Genes, their token ids and non-zero medians, as used by rank-value tokenization.
 

@@ -72,7 +72,7 @@ class FlatTokens:
 
     Examples
     --------
-    >>> src = FlatTokens([(np.array([5, 6, 7, 8, 9]), np.array([0, 2, 5]))])
+    >>> src = FlatTokens([(np.array([5, 6, 7, 8, 9]), np.array([0, 2, 5]))], "two cells")
     >>> src.padded(np.array([1, 0])).tolist()
     [[7, 8, 9], [5, 6, 0]]
     """

@@ -153,7 +153,7 @@ def rank_tokenize(
     >>> adata = sgf.datasets.synthetic_states(n_cells=100, random_state=0)
     >>> vocab = sgf.Vocabulary.build(adata)
     >>> sgf.pp.rank_tokenize(adata, vocab)
-    >>> adata.obsm["geneformer_tokens"][0, 0] == vocab.cls_id
+    >>> bool(adata.obsm["geneformer_tokens"][0, 0] == vocab.cls_id)
     True
     """
     if copy and adata.isbacked:

@@ -81,7 +81,7 @@ def embed(
     --------
     >>> import scanpy as sc, scgeneformer as sgf
     >>> adata = sgf.datasets.synthetic_states(n_cells=200, random_state=0)
-    >>> vocab = sgf.Vocabulary.build(adata)
+    >>> vocab = sgf.Vocabulary.build(adata, max_length=2048)
     >>> model = sgf.Geneformer.from_config("V1-10M", vocab, num_hidden_layers=2, random_state=0)
     >>> sgf.tl.embed(adata, model)
     >>> sc.pp.neighbors(adata, use_rep="X_geneformer")
