@@ -13,7 +13,7 @@ from scgeneformer.model._classifier import GeneformerClassifier
 
 @pytest.fixture(autouse=True)
 def _restore_settings():
-    """Examples that change ``sgf.settings`` must not leak into the tests that follow."""
+    """Undo what an example or test changed in ``sgf.settings``."""
     saved = dataclasses.asdict(sgf.settings)
     yield
     for name, value in saved.items():
@@ -22,7 +22,7 @@ def _restore_settings():
 
 @pytest.fixture(autouse=True)
 def _doctest_names(request, doctest_namespace):
-    """A 50-gene vocabulary, a 2-layer V1 model and a classifier, as the class examples make."""
+    """Give doctests a 50-gene vocabulary, a 2-layer V1 model and a classifier, as classes do."""
     if not isinstance(request.node, DoctestItem):
         return
     genes = [f"ENSG{i:011d}" for i in range(50)]
