@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,17 @@ DATA = SHARED / "data"
 
 
 def shared_file(*parts: str) -> Path:
-    """Path under ../shared, skipping the test with a reason when it is absent."""
+    """Path under ../shared, skipping the test with a reason when it is absent.
+
+    Under CI (``CI=true`` in the environment) an absent file fails the test instead: there the
+    data is provisioned, and a skip would hide that the real-data checks did not run.
+    """
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is absent: this test needs the ../shared folder beside the project")
+        reason = f"{path} is absent: this test needs the ../shared folder beside the project"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason} (CI=true: real-data tests must run, not skip)")
+        pytest.skip(reason)
     return path
 
 

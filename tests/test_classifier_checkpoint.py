@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import scgeneformer as sgf
@@ -19,8 +20,6 @@ from scgeneformer.train._finetune_loop import classifier_logits
 
 from .conftest import small_vocab
 from .test_model import TINY
-
-transformers = pytest.importorskip("transformers")
 
 CLASSES = ["B cell", "T cell", "NK"]
 

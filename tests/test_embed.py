@@ -9,6 +9,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import torch
+import transformers
 
 import scgeneformer as sgf
 from scgeneformer.tl._inference import encode_cells
@@ -47,7 +48,6 @@ def counts_adata(vocab, n_cells=40, seed=0, empty_rows=()):
 
 def hand_embeddings(folder, tokens, n_tokens, layer_index, vocab):
     """Mean over gene tokens of transformers.BertModel's hidden state at layer_index."""
-    transformers = pytest.importorskip("transformers")
     bert = transformers.BertForMaskedLM.from_pretrained(folder, attn_implementation="eager").bert
     bert.eval()
     ids = torch.as_tensor(tokens.astype(np.int64))
@@ -135,10 +135,19 @@ def test_scanpy_chains_on_the_output():
     sgf.tl.embed(adata, tiny_model(vocab))
     assert adata.obsm["X_geneformer"].shape == (60, 32)
     sc.pp.neighbors(adata, use_rep="X_geneformer", n_neighbors=10)
+    # The graph is the embedding's own 10 nearest neighbours (itself included), cell by cell.
+    from sklearn.neighbors import NearestNeighbors
+
+    knn = NearestNeighbors(n_neighbors=10).fit(adata.obsm["X_geneformer"])
+    expected = knn.kneighbors(return_distance=False)[:, :9]
+    graph = adata.obsp["distances"].tocsr()
+    for cell in range(adata.n_obs):
+        assert set(graph[cell].indices) == set(expected[cell]), cell
     sc.tl.umap(adata)
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False)
     assert adata.obsm["X_umap"].shape == (60, 2)
-    assert adata.obs["leiden"].nunique() >= 1
+    sizes = adata.obs["leiden"].value_counts()
+    assert len(sizes) >= 2 and sizes.sum() == 60  # a partition, not one block
 
 
 def test_cells_without_tokens_get_nan_rows_and_a_warning():

@@ -111,6 +111,30 @@ def test_pbmc3k_cell_types_are_learned_beside_the_pca_baseline(pbmc):
 
 
 # ---------------------------------------------------------------------- result slots
+def hand_baseline(adata, label_key: str, split) -> dict:
+    """PCA + balanced logistic regression fitted on train + val cells, scored on test cells."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+
+    counts = np.asarray(sp.csr_matrix(adata.X).todense(), dtype=np.float64)
+    x = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
+    fit, test = (split != "test").to_numpy(), (split == "test").to_numpy()
+    x = x[:, counts[fit].sum(axis=0) > 0]  # genes seen in training
+    y = adata.obs[label_key].cat.codes.to_numpy()
+    n_comps = min(50, fit.sum() - 1, x.shape[1] - 1)
+    pca = PCA(n_components=n_comps, svd_solver="arpack", random_state=0)
+    model = LogisticRegression(max_iter=2000, class_weight="balanced", random_state=0)
+    model.fit(pca.fit_transform(x[fit]), y[fit])
+    pred = model.predict(pca.transform(x[test]))
+    return {
+        "method": "logistic regression on PCA of log-normalised counts",
+        "n_comps": n_comps,
+        "accuracy": accuracy_score(y[test], pred),
+        "macro_f1": f1_score(y[test], pred, average="macro"),
+    }
+
+
 def test_predictions_and_metrics_land_in_the_documented_slots(fitted, tmp_path):
     adata, _, _, clf = fitted
     split = adata.obs["state_split"]
@@ -130,7 +154,8 @@ def test_predictions_and_metrics_land_in_the_documented_slots(fitted, tmp_path):
     counts = np.asarray(result["confusion_matrix"]["counts"])
     assert counts.sum() == test.sum() and list(result["confusion_matrix"]["labels"]) == clf.classes
     assert result["accuracy"] == pytest.approx(np.trace(counts) / counts.sum())
-    assert 0 <= result["baseline"]["macro_f1"] <= 1
+    assert result["baseline"] == pytest.approx(hand_baseline(adata, "state", split))
+    assert result["baseline"]["macro_f1"] >= 0.8  # the states differ in planted genes
     history = as_history(result["history"])
     assert [set(r) for r in history["train"]] == [{"epoch", "step", "loss"}] * 2
     assert [set(r) for r in history["eval"]] == [{"epoch", "step", "loss", "macro_f1"}] * 2
@@ -176,6 +201,46 @@ def test_freeze_layers_freezes_the_first_layers_only(states):
         clf.encoder.bert.embeddings.LayerNorm.weight, model.bert.embeddings.LayerNorm.weight
     )
     assert clf.history["eval"] == [] and [r["epoch"] for r in clf.history["train"]] == [1, 2]
+
+
+@pytest.mark.parametrize("class_weight", ["default", None])
+def test_balanced_class_weights_are_the_default_and_weigh_the_loss(
+    states, monkeypatch, class_weight
+):
+    adata, vocab = states
+    keep = (adata.obs["state"] == "healthy").to_numpy() | (np.arange(adata.n_obs) % 3 == 0)
+    adata = adata[keep].copy()  # about 3 healthy cells for each disease cell
+    real = torch.nn.functional.cross_entropy
+    weights = []
+
+    def spy(logits, target, weight=None, *args, **kwargs):
+        weights.append(weight)
+        return real(logits, target, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    kwargs = {} if class_weight == "default" else {"class_weight": class_weight}
+    clf = finetune(
+        adata,
+        tiny_model(vocab),
+        label_key="state",
+        val_size=0,
+        baseline=False,
+        epochs=1,
+        lr=1e-3,
+        token_budget=1024,
+        **kwargs,
+    )
+    train = (adata.obs["state_split"] == "train").to_numpy()
+    codes = adata.obs["state"].map({c: i for i, c in enumerate(clf.classes)}).to_numpy(int)
+    expected = np.ones(2)
+    if class_weight == "default":  # scikit-learn's n / (n_classes * n_c) on the training cells
+        from sklearn.utils.class_weight import compute_class_weight
+
+        expected = compute_class_weight("balanced", classes=np.arange(2), y=codes[train])
+        assert expected.max() > 1.4  # imbalanced enough for the weights to matter
+    assert len(weights) >= 1  # one call per training batch
+    for w in weights:
+        np.testing.assert_allclose(np.ones(2) if w is None else w.numpy(), expected, rtol=1e-6)
 
 
 def test_early_stopping_keeps_the_best_validation_epoch(states):

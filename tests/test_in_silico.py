@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
+from scipy import stats
 
 import scgeneformer as sgf
 from scgeneformer.tl._perturb_stats import gene_statistics, rank_residuals
@@ -81,55 +84,139 @@ def test_stored_shifts_equal_a_hand_computation(states_data):
     )
 
 
+def cell_rows(adata) -> list[np.ndarray]:
+    tokens, n = adata.obsm["geneformer_tokens"], adata.obs["geneformer_n_tokens"].to_numpy()
+    return [tokens[c, : n[c]].astype(np.int64) for c in range(adata.n_obs)]
+
+
+def few_start_cells(adata, n_start: int = 4):
+    """A few disease cells; the healthy cells split into the goal and an alt state."""
+    disease = np.flatnonzero(adata.obs["state"] == "disease")[:n_start]
+    healthy = np.flatnonzero(adata.obs["state"] == "healthy")
+    sub = adata[np.r_[disease, healthy]].copy()
+    states = ["disease"] * n_start + ["healthy", "other"] * (len(healthy) // 2)
+    sub.obs["state3"] = pd.Categorical(states)
+    return sub
+
+
+def state_means(model, adata, layer_index: int) -> dict[str, np.ndarray]:
+    rows = cell_rows(adata)
+    return {
+        s: pooled(model, [rows[c] for c in np.flatnonzero(adata.obs["state3"] == s)], layer_index)
+        .astype(np.float64)
+        .mean(axis=0)
+        for s in ("healthy", "other")
+    }
+
+
+def partly_expressed(adata, rows, cells, n_genes: int) -> np.ndarray:
+    """Tokens of genes expressed in at least two but not all of ``cells``."""
+    counts = pd.Series([t for c in cells for t in rows[c][1:-1]]).value_counts()
+    tokens = counts[(counts >= 2) & (counts < len(cells))].index[:n_genes].to_numpy()
+    assert len(tokens) == n_genes
+    return tokens
+
+
+def gene_of(adata, token) -> str:
+    return adata.var_names[np.flatnonzero(adata.var["geneformer_token"] == token)[0]]
+
+
 def test_magnitude_without_states_and_listed_genes(states_data):
     adata, model = states_data
-    adata = adata.copy()
+    adata = adata[:10].copy()  # every cell is perturbed: no random subset to reproduce
     genes = list(adata.var_names[:3])
-    sgf.tl.in_silico_delete(adata, model, genes=genes, max_cells=10, min_cells=1)
+    sgf.tl.in_silico_delete(adata, model, genes=genes, min_cells=1)
     shift = adata.var["in_silico_delete_shift"]
     assert shift.iloc[:3].notna().all() and shift.iloc[3:].isna().all()
-    assert (shift.iloc[:3] > 0).all()  # 1 - cos(variant, original) of a real change
     assert adata.uns["in_silico_delete"]["score"] == "1 - cos(variant, original)"
+    layer_index = model.num_layers - 1
+    for gene in genes:
+        token = adata.var.loc[gene, "geneformer_token"]
+        scores = []
+        for row in cell_rows(adata):
+            if token in row:
+                original, variant = pooled(model, [row, row[row != token]], layer_index)
+                scores.append(1 - cos(variant, original))
+        assert len(scores) >= 2
+        assert adata.var.loc[gene, "in_silico_delete_n_cells"] == len(scores)
+        assert shift[gene] == pytest.approx(np.mean(scores), abs=3e-7)  # float32 cosines
 
 
-def test_combined_deletion_matches_single_deletion_for_one_gene(states_data):
+def test_combined_deletion_of_several_genes_by_hand(states_data):
     adata, model = states_data
-    adata = adata.copy()
-    gene = adata.var_names[adata.var["gene_role"] == "housekeeping"][0]
-    kwargs = dict(state_key="state", start_state="disease", goal_state="healthy")
-    sgf.tl.in_silico_delete(adata, model, genes=[gene], combine=True, key_added="both", **kwargs)
-    sgf.tl.in_silico_delete(adata, model, genes=[gene], store_per_cell=True, **kwargs)
+    adata = few_start_cells(adata, n_start=6)
+    rows = cell_rows(adata)
+    start = np.flatnonzero(adata.obs["state3"] == "disease")
+    drop = partly_expressed(adata, rows, start, 3)
+    kwargs = dict(state_key="state3", start_state="disease", goal_state="healthy")
+    genes = [gene_of(adata, t) for t in drop]
+    sgf.tl.in_silico_delete(adata, model, genes=genes, combine=True, key_added="both", **kwargs)
     combined = adata.obs["both_combined_shift"].to_numpy()
-    single = adata.layers["in_silico_delete"][:, adata.var_names.get_loc(gene)].toarray().ravel()
-    disease = (adata.obs["state"] == "disease").to_numpy()
-    expressed = single != 0
-    np.testing.assert_allclose(combined[expressed], single[expressed], atol=1e-6)
-    assert np.isnan(combined[~disease]).all()
+    assert np.isnan(np.delete(combined, start)).all()
+    goal = state_means(model, adata, model.num_layers - 1)["healthy"]
+    lost = []
+    for c in start:
+        variant = rows[c][~np.isin(rows[c], drop)]
+        lost.append(len(rows[c]) - len(variant))
+        original, changed = pooled(model, [rows[c], variant], model.num_layers - 1)
+        assert combined[c] == pytest.approx(cos(changed, goal) - cos(original, goal), abs=2e-6)
+    assert max(lost) >= 2  # some cell lost two or more of the genes at once
+    assert adata.uns["both"]["combined_mean_shift"] == pytest.approx(combined[start].mean())
 
 
-def test_overexpression_moves_present_and_inserts_absent_genes(states_data):
+def moved_or_inserted(row: np.ndarray, token: int) -> np.ndarray:
+    """Geneformer's overexpression by hand: the gene right after <cls>, once."""
+    rest = row[1:-1][row[1:-1] != token]
+    return np.r_[row[0], token, rest, row[-1]]
+
+
+@pytest.mark.parametrize("with_states", [False, True])
+def test_overexpression_shifts_by_hand(states_data, with_states):
+    """A present gene is moved to the front, an absent one inserted there: exact shifts."""
     adata, model = states_data
-    adata = adata.copy()
-    tokens = adata.obsm["geneformer_tokens"]
-    absent = [
-        g
-        for g in adata.var_names
-        if not np.isin(adata.var.loc[g, "geneformer_token"], tokens[:5]).any()
-    ]
-    present = adata.var_names[np.isin(adata.var["geneformer_token"], tokens[0])][5]
-    sgf.tl.in_silico_overexpress(
-        adata,
-        model,
-        genes=[present, absent[0]],
-        max_cells=5,
-        min_cells=1,
-        store_per_cell=True,
-    )
-    n_cells = adata.var["in_silico_overexpress_n_cells"]
-    assert n_cells[absent[0]] == 5  # inserted in every perturbed cell
-    assert n_cells[present] >= 1
-    # Moving the top-ranked gene to the front changes nothing; moving the 6th does.
-    assert adata.var["in_silico_overexpress_shift"][present] > 0
+    adata = few_start_cells(adata, n_start=4)
+    if not with_states:
+        adata = adata[adata.obs["state3"] == "disease"].copy()  # every cell is perturbed
+    start = np.flatnonzero(adata.obs["state3"] == "disease")
+    # Every gene is in some start cell: silence one there, to be inserted.
+    absent = int(model.vocab.gene_token_ids[0])
+    counts = sp.lil_matrix(adata.X)
+    counts[start, adata.var_names.get_loc(gene_of(adata, absent))] = 0
+    adata.X = sp.csr_matrix(counts)
+    sgf.pp.rank_tokenize(adata, model.vocab)
+    rows = cell_rows(adata)
+    assert not any(absent in rows[c] for c in start)
+    present = partly_expressed(adata, rows, start, 1)[0]
+    genes = [gene_of(adata, present), gene_of(adata, absent)]
+    kwargs = {}
+    if with_states:
+        kwargs = dict(
+            state_key="state3", start_state="disease", goal_state="healthy", alt_states=["other"]
+        )
+    sgf.tl.in_silico_overexpress(adata, model, genes=genes, min_cells=1, **kwargs)
+    layer_index = model.num_layers - 1
+    targets = state_means(model, adata, layer_index) if with_states else {}
+    var = adata.var.set_index("geneformer_token")
+    for token in (present, absent):
+        scores = {"goal": [], "other": []}
+        for c in start:  # moved where the cell has it, inserted where it does not
+            original, variant = pooled(
+                model, [rows[c], moved_or_inserted(rows[c], token)], layer_index
+            )
+            if with_states:
+                for name, state in (("goal", "healthy"), ("other", "other")):
+                    target = targets[state]
+                    scores[name].append(cos(variant, target) - cos(original, target))
+            else:
+                scores["goal"].append(1 - cos(variant, original))
+        assert var.loc[token, "in_silico_overexpress_n_cells"] == len(start)
+        assert var.loc[token, "in_silico_overexpress_shift"] == pytest.approx(
+            np.mean(scores["goal"]), abs=1e-6
+        )
+        if with_states:
+            assert var.loc[token, "in_silico_overexpress_shift_other"] == pytest.approx(
+                np.mean(scores["other"]), abs=1e-6
+            )
 
 
 def test_overexpression_variants_by_hand():
@@ -174,6 +261,26 @@ def test_statistics_find_a_planted_gene_and_stay_calibrated_without_one():
     planted = base + gene_effect + noise + np.where(token == 7, 3e-3, 0.0)
     hit = gene_statistics(cell, token, position, planted, min_cells=3)
     assert hit.fdr[7] < 0.05 and np.argmax(hit.shift - null.shift) == 7
+
+
+def test_a_genes_null_never_includes_the_gene_itself():
+    rng = np.random.default_rng(2)
+    n_cells, n_genes = 40, 12
+    cell = np.repeat(np.arange(n_cells), n_genes)
+    token = np.tile(np.arange(n_genes), n_cells)
+    position = np.concatenate([rng.permutation(n_genes) for _ in range(n_cells)])
+    score = rng.normal(0, 1e-3, len(cell)) + np.where(token == 4, 5e-3, 0.0)
+    result = gene_statistics(cell, token, position, score, min_cells=3)
+    z = result.zscore
+    for g in range(n_genes):
+        p = {}
+        for name, null in (("others", np.delete(z, g)), ("all", z)):
+            centre = np.median(null)
+            scale = 1.4826 * np.median(np.abs(null - centre))
+            p[name] = 2 * stats.norm.sf(abs(z[g] - centre) / scale)
+        assert result.pval[g] == pytest.approx(p["others"], rel=1e-9)
+        if g == 4:  # with itself in its null, the planted gene would look far less extreme
+            assert p["all"] > 10 * p["others"]
 
 
 def test_calibration_on_states_without_a_difference(states_data):

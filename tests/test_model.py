@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import scgeneformer as sgf
 from scgeneformer.data import pack_tokens
 from scgeneformer.model import PRESETS, Geneformer, GeneformerConfig
 
 from .conftest import small_vocab
-
-transformers = pytest.importorskip("transformers")
 
 TINY = {
     "hidden_size": 32,

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import scgeneformer as sgf
@@ -14,8 +15,6 @@ from scgeneformer.model import Geneformer
 
 from .conftest import small_vocab
 from .test_model import mixed_batch, rel_err, tiny_hf_mlm, tiny_vocab
-
-transformers = pytest.importorskip("transformers")
 
 
 class NotATensor:

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 import scgeneformer as sgf
 from scgeneformer.data._masking import GeneMasker, batch_generator
@@ -291,6 +292,27 @@ def test_packed_batches_give_the_padded_loss(small_corpus):
     torch.testing.assert_close(losses[0], losses[1])
 
 
+def test_masked_gene_loss_equals_transformers_on_the_same_masked_batch(small_corpus, tmp_path):
+    vocab, adata = small_corpus
+    model = tiny_model(vocab).eval()
+    model.save(tmp_path / "model")
+    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path / "model").eval()
+    source = PaddedTokens(
+        adata.obsm["geneformer_tokens"], adata.obs["geneformer_n_tokens"], "cells"
+    )
+    micro = _prepare(
+        source, np.arange(24), GeneMasker(vocab), batch_generator(7), torch.device("cpu"), False
+    )
+    ids, positions = micro.inputs["input_ids"], micro.inputs["mlm_positions"]
+    labels = torch.full_like(ids, -100)  # transformers ignores -100: every unmasked position
+    labels[positions] = micro.labels
+    with torch.no_grad():
+        ours = F.cross_entropy(model(**micro.inputs), micro.labels)
+        theirs = hf(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).loss
+    assert micro.n_masked > 20
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- data sources
 
 
@@ -420,7 +442,8 @@ def test_argument_checks(small_corpus, tmp_path):
     vocab, adata = small_corpus
     model = tiny_model(vocab)
     for bad in ({"eval_fraction": 1.0}, {"lr": 0}, {"save_every": 0}, {"mask_fraction": 0}):
-        with pytest.raises(ValueError):
+        ((name, value),) = bad.items()
+        with pytest.raises(ValueError, match=rf"{name} must .*got {value}\b"):
             pretrain(adata, model, output_dir=tmp_path, **bad)
     headless = tiny_model(vocab)
     headless.cls = None

@@ -9,6 +9,8 @@ import tracemalloc
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc
 import pytest
 import scipy.sparse as sp
 
@@ -185,8 +187,6 @@ def test_non_count_data_is_refused_naming_the_file(tmp_path):
 
 def write_arrow_dataset(folder, cells, *, file_format=False, n_files=1):
     """A folder laid out as datasets.Dataset.save_to_disk writes it."""
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.ipc  # noqa: F401
 
     folder.mkdir()
     names = [f"data-{i:05d}-of-{n_files:05d}.arrow" for i in range(n_files)]
@@ -256,7 +256,6 @@ def test_arrow_dataset_reads_input_ids(tmp_path, file_format):
 
 
 def test_arrow_dataset_problems(tmp_path, monkeypatch):
-    pa = pytest.importorskip("pyarrow")
     folder = write_arrow_dataset(tmp_path / "ds", random_cells(5))
     (tmp_path / "dd").mkdir()
     (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train"]}')

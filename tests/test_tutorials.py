@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import inspect
 import json
 import re
 import shutil
@@ -104,7 +105,13 @@ def test_quickstart_chain(source, tmp_path):
     assert np.isfinite(losses).all()
     assert np.mean(losses[-2:]) < losses[0]
     assert [entry["step"] for entry in history["eval"]] == [15, 30]
-    assert all(0 <= entry["accuracy"] <= 1 for entry in history["eval"])
+    for entry in history["eval"]:
+        # 30 steps leave the held-out loss near an untrained model's, ln(genes); a loss that
+        # summed instead of averaging, or scored the wrong positions, would be far off.
+        assert 0.8 * np.log(len(vocab)) < entry["loss"] < 1.1 * np.log(len(vocab))
+        # Accuracy and the most-frequent-gene baseline are counts of the masked genes.
+        for share in (entry["accuracy"], entry["frequency_baseline"]):
+            assert share * entry["n_masked"] == pytest.approx(round(share * entry["n_masked"]))
     ax = sgf.pl.loss_curve(model, show=False)
     assert ax.get_xlabel() == "step"
     plt.close("all")
@@ -128,8 +135,13 @@ def test_quickstart_chain(source, tmp_path):
     sc.pp.normalize_total(baseline, target_sum=1e4)
     sc.pp.log1p(baseline)
     sc.pp.pca(baseline, n_comps=20, random_state=0)
-    for rep in (baseline.obsm["X_pca"], embedding, adata.obsm["X_random_weights"]):
-        assert 0.0 <= knn_accuracy(rep, adata.obs["cell_type"]) <= 1.0
+    # Measured (10-NN, 3-fold): PCA 0.96 (synthetic) / 0.85 (PBMC); this embedding 0.59 / 0.38
+    # and random weights 0.62 / 0.44, against always guessing the largest type 0.39 / 0.25.
+    # Cells out of order or an embedding of something else would sit at that guess.
+    largest = adata.obs["cell_type"].value_counts(normalize=True).max()
+    assert knn_accuracy(baseline.obsm["X_pca"], adata.obs["cell_type"]) >= 0.8
+    for rep in (embedding, adata.obsm["X_random_weights"]):
+        assert knn_accuracy(rep, adata.obs["cell_type"]) >= largest + 0.08
 
 
 # ------------------------------------------------------------------ 03: official checkpoints
@@ -292,6 +304,60 @@ def test_notebook_is_stored_executed_and_small(name):
     assert path.stat().st_size < 1_000_000
     assert notebook["cells"][0]["cell_type"] == "markdown"
     assert "".join(notebook["cells"][0]["source"]).startswith("# ")  # the page title
+
+
+def notebook_calls(path: Path):
+    """Every call in a notebook's code to a scgeneformer name: (dotted name, object, ast.Call)."""
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    trees = [
+        ast.parse("".join(cell["source"]))
+        for cell in notebook["cells"]
+        if cell["cell_type"] == "code"
+    ]
+    names = {}  # local name -> what it refers to in scgeneformer
+    for node in (n for tree in trees for n in ast.walk(tree)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "scgeneformer":
+                    names[alias.asname or alias.name] = importlib.import_module(alias.name)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("scgeneformer"):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                names[alias.asname or alias.name] = getattr(module, alias.name)
+    for node in (n for tree in trees for n in ast.walk(tree)):
+        if not isinstance(node, ast.Call):
+            continue
+        chain, func = [], node.func
+        while isinstance(func, ast.Attribute):
+            chain.append(func.attr)
+            func = func.value
+        if isinstance(func, ast.Name) and func.id in names:
+            obj = names[func.id]
+            for attr in reversed(chain):
+                assert hasattr(obj, attr), f"{path.name}: {func.id}.{'.'.join(chain[::-1])}"
+                obj = getattr(obj, attr)
+            yield ".".join([func.id, *chain[::-1]]), obj, node
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tutorials").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebook_calls_bind_to_the_current_api(path):
+    # A renamed function or keyword, or a changed argument count, fails here before any user
+    # meets it in a stored notebook.
+    n_calls = 0
+    for name, obj, call in notebook_calls(path):
+        if any(isinstance(a, ast.Starred) for a in call.args) or any(
+            k.arg is None for k in call.keywords
+        ):
+            continue
+        if not callable(obj) or isinstance(obj, type(importlib)):
+            continue
+        signature = inspect.signature(obj)
+        try:
+            signature.bind(*call.args, **{k.arg: k.value for k in call.keywords})
+        except TypeError as err:
+            pytest.fail(f"{path.name}, line {call.lineno}: {name}(...) does not bind: {err}")
+        n_calls += 1
+    assert n_calls >= 3
 
 
 # ------------------------------------------------------------------ the API page
