@@ -8,11 +8,15 @@ are packed (varlen attention, bfloat16 autocast). Reported: tokens/s (all real t
 median over logging intervals after the first, which holds start-up costs) and the time of
 the final checkpoint.
 
-Reference, in the same run on the same cells and starting weights: ``transformers``'
+References, in the same run on the same cells and starting weights: ``transformers``'
 ``BertForMaskedLM`` trained the way Geneformer trained it: fp32, eager attention, padded
-length-grouped batches of 12 cells, the collator's 15% masking (80/10/10) with the MLM head and
-loss over every position, AdamW with clipping. Reported: the median tokens/s over its steps
-after the first. Needs ``transformers`` (the test extra); ``--no-reference`` skips it.
+length-grouped batches, the collator's 15% masking (80/10/10) with the MLM head and loss over
+every position, AdamW with clipping; then the same with SDPA attention, and with bfloat16
+autocast where the device supports it (``bench/_reference.py``). Geneformer's batches are a
+number of cells (12); here each reference batch holds as many cells as fit the same token
+budget as ours (padded tokens), so both take steps of the same size. Reported: the median
+tokens/s over its steps after the first. Needs ``transformers`` (the test extra);
+``--no-reference`` skips it.
 
 Token store: ``synthetic_states`` counts written to h5ad files, tokenized into a store with
 ``n_jobs`` 1 and 2 (worker processes over files); cells/s including worker start-up.
@@ -29,6 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
+import _reference
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -82,36 +87,36 @@ def collator_masking(ids: torch.Tensor, maskable: torch.Tensor, vocab, generator
 
 
 def reference_tokens_per_s(
-    model: sgf.Geneformer, adata: ad.AnnData, steps: int, folder: Path
+    reference: _reference.Reference,
+    folder: Path,
+    adata: ad.AnnData,
+    vocab: sgf.Vocabulary,
+    steps: int,
+    token_budget: int,
 ) -> list[float]:
     """Tokens/s of each step of ``BertForMaskedLM`` trained as Geneformer trained it."""
-    from transformers import BertForMaskedLM
-
-    model.save(folder / "reference_start")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reference = (
-        BertForMaskedLM.from_pretrained(folder / "reference_start", attn_implementation="eager")
-        .to(device)
-        .train()
-    )
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=1e-3)
+    model = _reference.load(folder, reference, device, train=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-3)
     tokens = adata.obsm["geneformer_tokens"]
     lengths = adata.obs["geneformer_n_tokens"].to_numpy()
-    special = torch.as_tensor([model.vocab.cls_id, model.vocab.eos_id])
+    special = torch.as_tensor([vocab.cls_id, vocab.eos_id])
     generator = torch.Generator().manual_seed(0)
+    cells_per_batch = max(1, token_budget // tokens.shape[1])
     rates = []
-    for batch in length_grouped_batches(lengths, 12, seed=0)[:steps]:
+    for batch in length_grouped_batches(lengths, cells_per_batch, seed=0)[:steps]:
         width = int(lengths[batch].max())
         ids = torch.as_tensor(tokens[batch, :width].astype(np.int64))
         attention = torch.arange(width)[None, :] < torch.as_tensor(lengths[batch])[:, None]
         inputs, labels = collator_masking(
-            ids, attention & ~torch.isin(ids, special), model.vocab, generator
+            ids, attention & ~torch.isin(ids, special), vocab, generator
         )
         inputs, labels, attention = inputs.to(device), labels.to(device), attention.to(device)
         start = time.perf_counter()
-        loss = reference(input_ids=inputs, attention_mask=attention.long(), labels=labels).loss
+        with _reference.precision(reference, device):
+            loss = model(input_ids=inputs, attention_mask=attention.long(), labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -134,9 +139,14 @@ def bench_pretrain(args: argparse.Namespace, folder: Path) -> None:
     model = sgf.Geneformer.from_config(
         args.preset, vocab, random_state=0, max_position_embeddings=max(args.length, 2048)
     )
-    reference = (
-        None if args.no_reference else reference_tokens_per_s(model, adata, args.steps, folder)
-    )
+    references = {}
+    if not args.no_reference:
+        model.save(folder / "reference_start")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for reference in _reference.references(device):
+            references[reference.label] = reference_tokens_per_s(
+                reference, folder / "reference_start", adata, vocab, args.steps, args.token_budget
+            )
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warm-up warning of a short run
@@ -163,11 +173,13 @@ def bench_pretrain(args: argparse.Namespace, folder: Path) -> None:
         f"{np.median(rates):,.0f} tokens/s (intervals: {', '.join(f'{r:,.0f}' for r in rates)}); "
         f"{args.steps} steps + setup + checkpoint in {wall:.1f} s"
     )
-    if reference is not None:
-        ratio = np.median(rates) / np.median(reference)
+    print(_reference.machine())
+    for label, rate in references.items():
+        ratio = np.median(rates) / np.median(rate)
         print(
-            f"reference BertForMaskedLM (fp32, eager, padded length-grouped batches of 12): "
-            f"{np.median(reference):,.0f} tokens/s; ours {ratio:.1f}x"
+            f"{label}, padded length-grouped batches of "
+            f"{max(1, args.token_budget // args.length)} cells (at most {args.token_budget:,} "
+            f"tokens): {np.median(rate):,.0f} tokens/s; ours {ratio:.1f}x"
         )
     start = time.perf_counter()
     model.save(folder / "again")
