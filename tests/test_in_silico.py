@@ -247,12 +247,18 @@ def test_rank_residuals_remove_the_rank_trend():
     assert np.abs(residual[position == 0]).mean() < 1e-2
 
 
-def test_statistics_find_a_planted_gene_and_stay_calibrated_without_one():
-    rng = np.random.default_rng(1)
-    n_cells, n_genes = 60, 200
+def screen_table(rng, n_cells: int, n_genes: int):
+    """Cell, token and position of every gene deleted from cells that each express them all."""
     cell = np.repeat(np.arange(n_cells), n_genes)
     token = np.tile(np.arange(n_genes), n_cells)
     position = np.concatenate([rng.permutation(n_genes) for _ in range(n_cells)])
+    return cell, token, position
+
+
+def test_statistics_find_a_planted_gene_and_stay_calibrated_without_one():
+    rng = np.random.default_rng(1)
+    n_genes = 200
+    cell, token, position = screen_table(rng, 60, n_genes)
     base = 0.05 / (1 + position)
     gene_effect = rng.normal(0, 2e-4, n_genes)[token]  # systematic per-gene quirks of a model
     noise = rng.normal(0, 1e-3, len(cell))
@@ -265,10 +271,8 @@ def test_statistics_find_a_planted_gene_and_stay_calibrated_without_one():
 
 def test_a_genes_null_never_includes_the_gene_itself():
     rng = np.random.default_rng(2)
-    n_cells, n_genes = 40, 12
-    cell = np.repeat(np.arange(n_cells), n_genes)
-    token = np.tile(np.arange(n_genes), n_cells)
-    position = np.concatenate([rng.permutation(n_genes) for _ in range(n_cells)])
+    n_genes = 12
+    cell, token, position = screen_table(rng, 40, n_genes)
     score = rng.normal(0, 1e-3, len(cell)) + np.where(token == 4, 5e-3, 0.0)
     result = gene_statistics(cell, token, position, score, min_cells=3)
     z = result.zscore
