@@ -160,7 +160,8 @@ def test_predictions_and_metrics_land_in_the_documented_slots(fitted, tmp_path):
     assert result["baseline"] == pytest.approx(hand_baseline(adata, "state", split))
     assert result["baseline"]["macro_f1"] >= 0.8  # the states differ in planted genes
     history = as_history(result["history"])
-    assert [set(r) for r in history["train"]] == [{"epoch", "step", "loss"}] * 2
+    train_keys = {"epoch", "step", "loss", "peak_lr", "token_budget"}
+    assert [set(r) for r in history["train"]] == [train_keys] * 2
     assert [set(r) for r in history["eval"]] == [{"epoch", "step", "loss", "macro_f1"}] * 2
     assert [r["epoch"] for r in history["train"]] == [r["epoch"] for r in history["eval"]] == [1, 2]
     assert clf.history == history and clf.training_args["test_macro_f1"] == result["macro_f1"]

@@ -77,7 +77,7 @@ def test_co_expressed_gene_modules_are_told_apart_out_of_fold(fitted, tmp_path):
     history = as_history(result["history"])
     assert sorted({r["fold"] for r in history["train"]}) == [-1, 0, 1, 2]
     assert {frozenset(r) for r in history["train"]} == {
-        frozenset({"fold", "epoch", "step", "loss"})
+        frozenset({"fold", "epoch", "step", "loss", "peak_lr", "token_budget"})
     }
     assert history["eval"] == []
     assert [r["epoch"] for r in clf.history["train"]] == [1, 2, 3, 4, 5, 6]

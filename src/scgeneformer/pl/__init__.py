@@ -1,7 +1,16 @@
 """Plots."""
 
 from ._classification import confusion_matrix
+from ._cross_validation import finetune_splits
 from ._deletion import deletion_ranking, deletion_volcano
 from ._training import loss_curve
+from ._tuning import tune_trials
 
-__all__ = ["confusion_matrix", "deletion_ranking", "deletion_volcano", "loss_curve"]
+__all__ = [
+    "confusion_matrix",
+    "deletion_ranking",
+    "deletion_volcano",
+    "finetune_splits",
+    "loss_curve",
+    "tune_trials",
+]

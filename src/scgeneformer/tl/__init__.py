@@ -5,6 +5,7 @@ from ._finetune import finetune
 from ._in_silico import in_silico_delete, in_silico_overexpress
 from ._predict import predict
 from ._pretrain import pretrain
+from ._tune import tune_finetune
 
 __all__ = [
     "embed",
@@ -13,4 +14,5 @@ __all__ = [
     "in_silico_overexpress",
     "predict",
     "pretrain",
+    "tune_finetune",
 ]

@@ -8,6 +8,8 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
+from ._metrics import classification_scores
+
 N_COMPS = 50
 
 
@@ -65,7 +67,8 @@ def pca_logreg_baseline(
 
     Returns
     -------
-    ``{"method", "n_comps", "accuracy", "macro_f1"}``.
+    ``{"method", "n_comps", "accuracy", "macro_f1", "f1_per_class", "auroc"}`` (as
+    :func:`~scgeneformer.tl._metrics.classification_scores`).
 
     Examples
     --------
@@ -75,7 +78,6 @@ def pca_logreg_baseline(
     """
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
 
     counts = adata.X if layer is None else adata.layers[layer]
     train_x = log_normalize(counts[fit_cells])
@@ -89,13 +91,15 @@ def pca_logreg_baseline(
         max_iter=2000, class_weight=class_weight, random_state=random_state
     )
     regression.fit(train_pcs, y[fit_cells])
-    pred = regression.predict(pca.transform(test_x))
-    truth = y[test_cells]
+    # Columns for every class, also one absent from the fitting cells (probability 0).
+    proba = np.zeros((len(test_cells), int(y.max()) + 1))
+    proba[:, regression.classes_] = regression.predict_proba(pca.transform(test_x))
+    scores = classification_scores(y[test_cells], proba)
+    del scores["confusion"]
     return {
         "method": "logistic regression on PCA of log-normalised counts",
         "n_comps": n_comps,
-        "accuracy": float(accuracy_score(truth, pred)),
-        "macro_f1": float(f1_score(truth, pred, average="macro", zero_division=0)),
+        **scores,
     }
 
 

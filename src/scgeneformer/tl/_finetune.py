@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
@@ -18,15 +19,11 @@ from .._deprecation import renamed_keywords
 from .._settings import settings
 from ..model import Geneformer
 from ..model._classifier import GeneformerClassifier, check_freeze_layers
-from ..train._finetune_loop import FitOptions
+from ..train._finetune_loop import TRAIN_BUDGET_SHARE, FitOptions
 from ..train._optim import resolve_device_dtype
 from ._finetune_cells import finetune_cells
 from ._finetune_genes import finetune_genes
 from ._splits import check_fraction
-
-# A backward pass keeps every layer's activations, so training batches take a quarter of the
-# token budget that inference uses.
-_TRAIN_BUDGET_SHARE = 4
 
 
 def _check_training_args(
@@ -35,12 +32,14 @@ def _check_training_args(
     task: str,
     freeze_layers: int,
     epochs: int,
-    lr: float,
+    lr: float | str,
     class_weight: str | None,
     early_stopping_patience: int | None,
     n_folds: int,
+    n_splits: int,
     test_size: float,
     val_size: float,
+    warmup_fraction: float = 0.1,
 ) -> None:
     if task not in ("cell", "gene"):
         raise ValueError(f"task must be 'cell' or 'gene', got {task!r}.")
@@ -49,8 +48,8 @@ def _check_training_args(
     check_freeze_layers(freeze_layers, model.num_layers)
     if int(epochs) < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}.")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}.")
+    if lr != "auto" and not (isinstance(lr, int | float) and lr > 0):
+        raise ValueError(f"lr must be 'auto' or a positive number, got {lr!r}.")
     if class_weight not in ("balanced", None):
         raise ValueError(f"class_weight must be 'balanced' or None, got {class_weight!r}.")
     if early_stopping_patience is not None and int(early_stopping_patience) < 1:
@@ -61,6 +60,47 @@ def _check_training_args(
         raise ValueError(f"n_folds must be at least 2, got {n_folds!r}.")
     check_fraction("test_size", test_size)
     check_fraction("val_size", val_size, allow_zero=True)
+    check_fraction("warmup_fraction", warmup_fraction, allow_zero=True)
+    if isinstance(n_splits, bool) or not isinstance(n_splits, int | np.integer) or n_splits < 1:
+        raise ValueError(f"n_splits must be a whole number of at least 1, got {n_splits!r}.")
+    if task == "gene" and n_splits > 1:
+        raise ValueError(
+            "n_splits is for cells; the gene task is always cross-validated, over n_folds folds."
+        )
+
+
+def fitting_options(
+    *,
+    freeze_layers: int,
+    epochs: int,
+    lr: float | Literal["auto"],
+    weight_decay: float,
+    warmup_fraction: float,
+    token_budget: int | None,
+    class_weight: str | None,
+    random_state: int,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype | None,
+) -> FitOptions:
+    """Collect the options every fit takes (arguments checked by the caller)."""
+    device_, dtype_ = resolve_device_dtype(device, dtype)
+    return FitOptions(
+        freeze_layers=int(freeze_layers),
+        epochs=int(epochs),
+        lr=lr if lr == "auto" else float(lr),
+        weight_decay=float(weight_decay),
+        warmup_fraction=float(warmup_fraction),
+        train_budget=None if token_budget is None else int(token_budget),
+        eval_budget=(
+            settings.token_budget
+            if token_budget is None
+            else int(token_budget) * TRAIN_BUDGET_SHARE
+        ),
+        class_weight=class_weight,
+        random_state=int(random_state),
+        device=device_,
+        dtype=dtype_,
+    )
 
 
 @renamed_keywords(batch_tokens="token_budget")
@@ -75,8 +115,9 @@ def finetune(
     val_size: float = 0.1,
     freeze_layers: int = 0,
     epochs: int = 10,
-    lr: float = 5e-5,
+    lr: float | Literal["auto"] = "auto",
     weight_decay: float = 0.001,
+    warmup_fraction: float = 0.1,
     token_budget: int | None = None,
     class_weight: Literal["balanced"] | None = "balanced",
     early_stopping_patience: int | None = 3,
@@ -87,6 +128,7 @@ def finetune(
     key_added: str | None = None,
     gene_labels: Mapping[str, Any] | pd.Series | None = None,
     n_folds: int = 5,
+    n_splits: int = 1,
 ) -> GeneformerClassifier:
     """Fine-tune a Geneformer to classify cells (e.g. cell type, disease state) or genes.
 
@@ -143,12 +185,23 @@ def finetune(
     epochs
         Training epochs at most (per fold for genes).
     lr
-        Peak learning rate.
+        Peak learning rate, or ``"auto"`` (default): a learning-rate range test (Smith 2017)
+        on a copy of the weights, 64 steps on the training cells with rates rising from 1e-6
+        to 0.1, picks a tenth of the rate at the lowest smoothed training loss (recorded as
+        ``peak_lr`` in the history's training records). Geneformer fine-tunes its large
+        pretrained models at 5e-5, which leaves small or briefly pretrained models at chance
+        level; pass ``lr=5e-5`` to fine-tune as it does.
     weight_decay
         AdamW weight decay on weight matrices.
+    warmup_fraction
+        Share of the optimiser steps over which the learning rate rises linearly to ``lr``
+        (it then falls linearly to 0), in [0, 1).
     token_budget
-        Tokens per training batch (default a quarter of ``sgf.settings.token_budget``);
-        evaluation batches take four times as many.
+        Tokens per training batch. Default: sized from the data so that an epoch takes about
+        32 optimiser steps (a 32nd of the training cells' tokens), at most a quarter of
+        ``sgf.settings.token_budget`` and at least the longest cell; recorded as
+        ``token_budget`` in the history's training records. Evaluation batches take four
+        times ``token_budget``, or ``sgf.settings.token_budget`` by default.
     class_weight
         ``"balanced"`` weighs each class's loss by ``n / (n_classes * n_class)`` over the
         training cells (tokens for genes); None weighs all alike.
@@ -169,6 +222,14 @@ def finetune(
         (Ensembl, or names the vocabulary maps).
     n_folds
         Genes only: folds of the cross-validation; every class needs at least this many genes.
+    n_splits
+        Cells only: 1 (default) trains once on one train/validation/test split. ``k >= 2``
+        cross-validates: the cells are dealt into ``k`` test folds (whole groups with
+        ``group_key``, scikit-learn's ``StratifiedGroupKFold``; else stratified by class),
+        and for each a classifier is trained on the other folds (``val_size`` of them for
+        early stopping, chosen as in a single split) and scored on the fold, beside the
+        baseline fitted on the same cells; ``test_size`` is then unused. The classifier
+        returned is trained afterwards on all cells.
 
     Returns
     -------
@@ -187,10 +248,21 @@ def finetune(
     ``obs[f"{key}_split"]``
         ``"train"``, ``"val"`` or ``"test"``; NaN for cells without tokens.
     ``uns[f"{key}_finetune"]``
-        ``accuracy``, ``macro_f1``, ``confusion_matrix`` (``{"labels", "counts"}``, rows the
-        true classes) on the test cells; ``baseline`` (the same for PCA + logistic
-        regression); ``n_cells`` per part; ``groups`` per part (with ``group_key``);
-        ``history``; ``classes``; ``params``.
+        ``accuracy``, ``macro_f1``, ``f1_per_class``, ``auroc``, ``confusion_matrix``
+        (``{"labels", "counts"}``, rows the true classes) on the test cells; ``baseline``
+        (the same for PCA + logistic regression); ``n_cells`` per part; ``groups`` per part
+        (with ``group_key``); ``history``; ``classes``; ``params``.
+
+    Cells with ``n_splits=k >= 2``: ``obs[f"{key}_pred"]`` and ``obsm[f"{key}_proba"]`` hold
+    every cell's out-of-fold prediction (by the split that tested it), ``obs[f"{key}_fold"]``
+    that split (-1: no tokens), and ``uns[f"{key}_finetune"]`` ``splits`` (per split
+    ``macro_f1``, ``accuracy``, ``auroc`` and a ``(k, classes)`` ``f1_per_class``), their
+    means under the same names and sample SDs as ``macro_f1_sd``, ``accuracy_sd`` and
+    ``auroc_sd``, ``pooled`` (the same scores over all out-of-fold predictions) and its
+    ``confusion_matrix``, ``n_cells`` (lists per split), ``test_groups`` (with
+    ``group_key``), ``history`` (with a ``split`` column) and ``baseline`` (the same summary
+    for PCA + logistic regression on the same splits). The AUROC is of the second class with
+    two classes, else one-vs-rest macro (NaN in a split lacking a class).
 
     Genes:
 
@@ -226,26 +298,39 @@ def finetune(
         class_weight=class_weight,
         early_stopping_patience=early_stopping_patience,
         n_folds=n_folds,
+        n_splits=n_splits,
         test_size=test_size,
         val_size=val_size,
+        warmup_fraction=warmup_fraction,
     )
     key = key_added or label_key
-    device_, dtype_ = resolve_device_dtype(device, dtype)
-    train_budget = (
-        settings.token_budget // _TRAIN_BUDGET_SHARE if token_budget is None else int(token_budget)
-    )
-    options = FitOptions(
-        freeze_layers=int(freeze_layers),
-        epochs=int(epochs),
-        lr=float(lr),
-        weight_decay=float(weight_decay),
-        train_budget=train_budget,
-        eval_budget=train_budget * _TRAIN_BUDGET_SHARE,
+    options = fitting_options(
+        freeze_layers=freeze_layers,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_fraction=warmup_fraction,
+        token_budget=token_budget,
         class_weight=class_weight,
-        random_state=int(random_state),
-        device=device_,
-        dtype=dtype_,
+        random_state=random_state,
+        device=device,
+        dtype=dtype,
     )
+    if task == "cell" and n_splits > 1:
+        from ._cross_validation import cross_validate_cells
+
+        return cross_validate_cells(
+            adata,
+            model,
+            label_key=label_key,
+            key=key,
+            group_key=group_key,
+            n_splits=int(n_splits),
+            val_size=val_size,
+            patience=early_stopping_patience,
+            baseline=baseline,
+            options=options,
+        )
     if task == "cell":
         return finetune_cells(
             adata,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,12 @@ from .._slots import counts_layer
 from ..model import Geneformer
 from ..model._classifier import GeneformerClassifier
 from ..train._finetune_loop import FitOptions, fit_classifier
-from ..train._history import history_frames
+from ..train._history import Records, history_frames
 from ..train._optim import seed_everything
 from ._baseline import pca_logreg_baseline
-from ._finetune_common import classification_metrics, new_classifier
+from ._finetune_common import new_classifier
 from ._labels import cell_groups, check_class_sizes, class_weights, encode_labels, obs_column
+from ._metrics import classification_scores
 from ._predict import cell_proba, write_cell_predictions
 from ._splits import SPLITS, split_cells
 from ._tokens import cell_tokens
@@ -29,6 +31,131 @@ from ._tokens import cell_tokens
 logger = logging.getLogger(__name__)
 
 _CELLS_REASON = "cells to have one in training and one in testing"
+
+
+def cell_inputs(
+    adata: AnnData, model: Geneformer, label_key: str, group_key: str | None
+) -> tuple[np.ndarray, list[str], np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
+    """Check and return labels, classes, groups, tokens, token counts and the cells with tokens."""
+    where = f"obs[{label_key!r}]"
+    codes, classes = encode_labels(
+        obs_column(adata, label_key, "label_key"),
+        where,
+        f"drop those cells first, e.g. adata = adata[adata.obs[{label_key!r}].notna()].copy()",
+    )
+    check_class_sizes(codes, classes, where, 2, _CELLS_REASON)
+    groups = cell_groups(adata, group_key)
+    tokens, n_tokens = cell_tokens(adata, model)
+    usable = np.flatnonzero(n_tokens > 0)
+    if len(usable) < len(n_tokens):
+        warnings.warn(
+            f"{len(n_tokens) - len(usable):,} cells have no tokens; they are left out of "
+            "training and testing (no split, no prediction).",
+            UserWarning,
+            stacklevel=4,
+        )
+        check_class_sizes(codes[usable], classes, f"{where} (cells with tokens)", 2, _CELLS_REASON)
+    return codes, classes, groups, tokens, n_tokens, usable
+
+
+def predict_cells(
+    clf: GeneformerClassifier,
+    tokens: np.ndarray,
+    n_tokens: np.ndarray,
+    cells: np.ndarray,
+    options: FitOptions,
+    *,
+    progress: bool,
+) -> np.ndarray:
+    """Class probabilities of the cells ``cells`` (rows in that order)."""
+    return cell_proba(
+        clf,
+        tokens[cells],
+        n_tokens[cells],
+        budget=options.eval_budget,
+        device=options.device,
+        dtype=options.dtype,
+        progress=progress,
+    )
+
+
+def train_cells(
+    model: Geneformer,
+    tokens: np.ndarray,
+    n_tokens: np.ndarray,
+    codes: np.ndarray,
+    classes: list[str],
+    train: np.ndarray,
+    val: np.ndarray,
+    options: FitOptions,
+    *,
+    label_key: str,
+    patience: int | None,
+    desc: str,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[GeneformerClassifier, dict[str, Records]]:
+    """Train a new cell classifier on the cells ``train``, early-stopped on ``val``."""
+    device = options.device
+    seed = options.random_state
+    seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    clf = new_classifier(
+        model,
+        classes,
+        task="cell",
+        label_key=label_key,
+        freeze_layers=options.freeze_layers,
+        random_state=seed,
+    )
+    weights = class_weights(codes[train], len(classes), options.class_weight)
+    targets = torch.as_tensor(codes, device=device)
+    weight_t = torch.as_tensor(weights, device=device)
+
+    def loss_fn(batch: np.ndarray, logits: torch.Tensor, _ids: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets[torch.as_tensor(batch, device=device)], weight_t)
+
+    def evaluate() -> tuple[float, float]:
+        from sklearn.metrics import f1_score
+
+        proba = predict_cells(clf, tokens, n_tokens, val, options, progress=False)
+        truth = codes[val]
+        nll = -np.log(np.clip(proba[np.arange(len(val)), truth], 1e-12, None)).mean()
+        macro_f1 = f1_score(truth, proba.argmax(axis=1), average="macro", zero_division=0)
+        return float(nll), float(macro_f1)
+
+    history = fit_classifier(
+        clf,
+        tokens,
+        n_tokens,
+        train,
+        loss_fn,
+        options,
+        rng=rng,
+        evaluate=evaluate if len(val) else None,
+        patience=patience if len(val) else None,
+        desc=desc,
+        on_epoch=on_epoch,
+    )
+    return clf, history
+
+
+def cell_baseline(
+    adata: AnnData,
+    codes: np.ndarray,
+    fit_cells: np.ndarray,
+    test_cells: np.ndarray,
+    options: FitOptions,
+) -> dict[str, Any]:
+    """PCA + logistic regression on the counts the cells were tokenized from."""
+    return pca_logreg_baseline(
+        adata,
+        codes,
+        fit_cells,
+        test_cells,
+        layer=counts_layer(adata),
+        class_weight=options.class_weight,
+        random_state=options.random_state,
+    )
 
 
 def finetune_cells(
@@ -45,24 +172,9 @@ def finetune_cells(
     options: FitOptions,
 ) -> GeneformerClassifier:
     """Run the cell task of :func:`scgeneformer.tl.finetune` (which lists the slots written)."""
-    where = f"obs[{label_key!r}]"
-    codes, classes = encode_labels(
-        obs_column(adata, label_key, "label_key"),
-        where,
-        f"drop those cells first, e.g. adata = adata[adata.obs[{label_key!r}].notna()].copy()",
+    codes, classes, groups, tokens, n_tokens, usable = cell_inputs(
+        adata, model, label_key, group_key
     )
-    check_class_sizes(codes, classes, where, 2, _CELLS_REASON)
-    groups = cell_groups(adata, group_key)
-    tokens, n_tokens = cell_tokens(adata, model)
-    usable = np.flatnonzero(n_tokens > 0)
-    if len(usable) < len(n_tokens):
-        warnings.warn(
-            f"{len(n_tokens) - len(usable):,} cells have no tokens; they are left out of "
-            "training and testing (no split, no prediction).",
-            UserWarning,
-            stacklevel=3,
-        )
-        check_class_sizes(codes[usable], classes, f"{where} (cells with tokens)", 2, _CELLS_REASON)
     split = np.full(len(n_tokens), None, dtype=object)
     split[usable] = split_cells(
         codes[usable],
@@ -72,68 +184,22 @@ def finetune_cells(
         random_state=options.random_state,
     )
     part = {name: np.flatnonzero(split == name) for name in SPLITS}
-    device, dtype = options.device, options.dtype
-    eval_budget = options.eval_budget
-
-    seed = options.random_state
-    seed_everything(seed)
-    rng = np.random.default_rng(seed)
-    clf = new_classifier(
+    clf, history = train_cells(
         model,
-        classes,
-        task="cell",
-        label_key=label_key,
-        freeze_layers=options.freeze_layers,
-        random_state=seed,
-    )
-    weights = class_weights(codes[part["train"]], len(classes), options.class_weight)
-    targets = torch.as_tensor(codes, device=device)
-    weight_t = torch.as_tensor(weights, device=device)
-
-    def loss_fn(batch: np.ndarray, logits: torch.Tensor, _ids: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets[torch.as_tensor(batch, device=device)], weight_t)
-
-    def evaluate() -> tuple[float, float]:
-        from sklearn.metrics import f1_score
-
-        val = part["val"]
-        proba = cell_proba(
-            clf,
-            tokens[val],
-            n_tokens[val],
-            budget=eval_budget,
-            device=device,
-            dtype=dtype,
-            progress=False,
-        )
-        truth = codes[val]
-        nll = -np.log(np.clip(proba[np.arange(len(val)), truth], 1e-12, None)).mean()
-        macro_f1 = f1_score(truth, proba.argmax(axis=1), average="macro", zero_division=0)
-        return float(nll), float(macro_f1)
-
-    history = fit_classifier(
-        clf,
         tokens,
         n_tokens,
+        codes,
+        classes,
         part["train"],
-        loss_fn,
+        part["val"],
         options,
-        rng=rng,
-        evaluate=evaluate if len(part["val"]) else None,
-        patience=patience if len(part["val"]) else None,
+        label_key=label_key,
+        patience=patience,
         desc="finetune",
     )
     test = part["test"]
-    test_proba = cell_proba(
-        clf,
-        tokens[test],
-        n_tokens[test],
-        budget=eval_budget,
-        device=device,
-        dtype=dtype,
-        progress=settings.progress,
-    )
-    scores = classification_metrics(codes[test], test_proba.argmax(axis=1), len(classes))
+    test_proba = predict_cells(clf, tokens, n_tokens, test, options, progress=settings.progress)
+    scores = classification_scores(codes[test], test_proba)
     result: dict[str, Any] = {
         "task": "cell",
         "label_key": label_key,
@@ -141,6 +207,8 @@ def finetune_cells(
         "classes": classes,
         "accuracy": scores["accuracy"],
         "macro_f1": scores["macro_f1"],
+        "f1_per_class": scores["f1_per_class"],
+        "auroc": scores["auroc"],
         "confusion_matrix": {"labels": classes, "counts": scores["confusion"]},
         "n_cells": {
             **{name: len(cells) for name, cells in part.items()},
@@ -154,14 +222,8 @@ def finetune_cells(
     if groups is not None:
         result["groups"] = {name: sorted(set(groups[cells])) for name, cells in part.items()}
     if baseline:
-        fitted = pca_logreg_baseline(
-            adata,
-            codes,
-            np.concatenate([part["train"], part["val"]]),
-            test,
-            layer=counts_layer(adata),
-            class_weight=options.class_weight,
-            random_state=options.random_state,
+        fitted = cell_baseline(
+            adata, codes, np.concatenate([part["train"], part["val"]]), test, options
         )
         result["baseline"] = fitted
         logger.info(

@@ -17,11 +17,12 @@ from .._slots import counts_layer, positions_of, var_tokens
 from ..model import Geneformer
 from ..model._classifier import GeneformerClassifier
 from ..train._finetune_loop import FitOptions, fit_classifier
-from ..train._history import history_frames, merge_histories
+from ..train._history import history_frames, merge_histories, tag_records
 from ..train._optim import seed_everything
 from ._baseline import coexpression_baseline
-from ._finetune_common import auroc, classification_metrics, new_classifier
+from ._finetune_common import new_classifier
 from ._labels import check_class_sizes, class_weights, gene_label_table
+from ._metrics import auroc, classification_scores
 from ._predict import gene_proba, write_gene_predictions
 from ._splits import gene_folds
 from ._tokens import cell_tokens
@@ -114,7 +115,7 @@ def finetune_genes(
         clf, history = train_on(
             np.flatnonzero(folds != fold), options.random_state + fold, f"fold {fold + 1}"
         )
-        histories.append(_with_fold(history, fold))
+        histories.append(tag_records(history, fold=fold))
         is_held = np.zeros(len(model.vocab), dtype=bool)
         is_held[gene_token[held]] = True
         cells = np.flatnonzero(is_held[tokens].any(axis=1))
@@ -138,11 +139,11 @@ def finetune_genes(
     final, final_history = train_on(
         np.arange(len(table)), options.random_state + n_folds, "final fit"
     )
-    histories.append(_with_fold(final_history, -1))
+    histories.append(tag_records(final_history, fold=-1))
 
     pred = oof.argmax(axis=1)
     score = oof[:, 1] if len(classes) == 2 else oof.max(axis=1)
-    scores = classification_metrics(gene_code, pred, len(classes))
+    scores = classification_scores(gene_code, oof)
     genes_table = {
         "gene": table["gene"].tolist(),
         "token": gene_token,
@@ -209,8 +210,3 @@ def _gene_baseline(
         f"finetune (genes): cross-validated AUROC {result['auroc']:.3f}; co-expression "
         f"baseline {fitted['auroc']:.3f}."
     )
-
-
-def _with_fold(history: dict[str, list[dict]], fold: int) -> dict[str, list[dict]]:
-    """Tag every record of one fold's history with the fold (-1: the final fit)."""
-    return {part: [{"fold": fold, **r} for r in records] for part, records in history.items()}

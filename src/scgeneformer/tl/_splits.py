@@ -191,19 +191,113 @@ def split_cells(
     if val_size == 0.0:
         return split
     rest = np.flatnonzero(~test)
-    val = None
-    if groups is not None and len(np.unique(groups[rest])) >= 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a poor group split falls back to cells below
-            val = group_holdout(y[rest], groups[rest], val_size, rng)
-        # With few, large groups one group can be far more than the validation share; then
-        # it would starve training, and validation (early stopping only) takes cells instead.
-        if val.mean() > 2 * val_size or not _keeps_every_class(y[rest], val):
-            val = None
-    if val is None:
-        val = stratified_holdout(y[rest], val_size, rng)
+    val = validation_holdout(y[rest], None if groups is None else groups[rest], val_size, rng)
     split[rest[val]] = "val"
     return split
+
+
+def validation_holdout(
+    y: np.ndarray, groups: np.ndarray | None, val_size: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Hold out about ``val_size`` of the cells for validation; a mask of them.
+
+    Whole groups when ``groups`` holds at least two and whole groups fit (at most twice
+    ``val_size``, every class kept for training); otherwise cells of every class, as
+    validation only serves early stopping.
+
+    Examples
+    --------
+    >>> y = np.array([0, 1] * 20)
+    >>> int(validation_holdout(y, None, 0.1, np.random.default_rng(0)).sum())
+    4
+    """
+    if groups is not None and len(np.unique(groups)) >= 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a poor group split falls back to cells below
+            val = group_holdout(y, groups, val_size, rng)
+        # With few, large groups one group can be far more than the validation share; then
+        # it would starve training, and validation (early stopping only) takes cells instead.
+        if val.mean() <= 2 * val_size and _keeps_every_class(y, val):
+            return val
+    return stratified_holdout(y, val_size, rng)
+
+
+def cv_splits(
+    y: np.ndarray,
+    groups: np.ndarray | None,
+    n_splits: int,
+    *,
+    val_size: float = 0.1,
+    random_state: int | None = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deal cells into ``n_splits`` test folds, and choose each split's validation cells.
+
+    With ``groups``, whole groups go to each fold (scikit-learn's ``StratifiedGroupKFold``,
+    shuffled: groups are dealt so that each fold's class mix is close to the overall one), so
+    no group is ever in a fold's test part and its training part; otherwise each class is
+    spread evenly over the folds (``StratifiedKFold``). In split ``i``, fold ``i`` is the test
+    part and the validation part is :func:`validation_holdout` of the other folds.
+
+    Parameters
+    ----------
+    y
+        Integer class of each cell.
+    groups
+        Optional group (donor, patient, sample) of each cell.
+    n_splits
+        Number of folds, at least 2.
+    val_size
+        Share of each split's non-test cells used for validation, in [0, 1).
+    random_state
+        Seed.
+
+    Returns
+    -------
+    ``(fold, val)``: the test fold of each cell, and a ``(n_splits, cells)`` mask of the
+    validation cells of each split.
+
+    Examples
+    --------
+    >>> y = np.array([0, 1] * 30)
+    >>> groups = np.repeat(np.arange(6), 10)
+    >>> fold, val = cv_splits(y, groups, 3)
+    >>> all(len(set(groups[fold == f]) & set(groups[fold != f])) == 0 for f in range(3))
+    True
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    val_size = check_fraction("val_size", val_size, allow_zero=True)
+    y = np.asarray(y, dtype=np.int64)
+    seed = None if random_state is None else int(random_state) % 2**32
+    if groups is None:
+        folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(y, y)
+    else:
+        groups = np.asarray(groups)
+        n_groups = len(np.unique(groups))
+        if n_groups < n_splits:
+            raise ValueError(
+                f"n_splits={n_splits} splits by group need at least {n_splits} groups, but "
+                f"there are {n_groups}; lower n_splits or split cells (group_key=None)."
+            )
+        kfold = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():
+            # It warns when a class has fewer groups than splits; some folds then lack that
+            # class, which the per-split scores show.
+            warnings.simplefilter("ignore", UserWarning)
+            folds = list(kfold.split(y, y, groups))
+    fold = np.empty(len(y), dtype=np.int64)
+    for index, (_, test) in enumerate(folds):
+        fold[test] = index
+    rng = np.random.default_rng(random_state)
+    val = np.zeros((n_splits, len(y)), dtype=bool)
+    for index in range(n_splits):
+        rest = np.flatnonzero(fold != index)
+        if val_size > 0:
+            held = validation_holdout(
+                y[rest], None if groups is None else groups[rest], val_size, rng
+            )
+            val[index, rest[held]] = True
+    return fold, val
 
 
 def gene_folds(y: np.ndarray, n_folds: int, random_state: int | None = 0) -> np.ndarray:

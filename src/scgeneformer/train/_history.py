@@ -37,6 +37,17 @@ def merge_histories(histories: Iterable[Mapping[str, Records]]) -> dict[str, Rec
     return merged
 
 
+def tag_records(history: Mapping[str, Records], **tags: Any) -> dict[str, Records]:
+    """Tag every record with ``tags`` (e.g. the fold or split it was trained in).
+
+    Examples
+    --------
+    >>> tag_records({"train": [{"step": 1}], "eval": []}, fold=0)["train"]
+    [{'fold': 0, 'step': 1}]
+    """
+    return {part: [{**tags, **r} for r in records] for part, records in history.items()}
+
+
 def history_frames(history: Mapping[str, Records]) -> dict[str, pd.DataFrame]:
     """Turn the history into one table per part, for ``adata.uns``."""
     return {

@@ -1,0 +1,97 @@
+"""A learning-rate range test (Smith 2017): choose the peak learning rate from the data."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+LOW, HIGH = 1e-6, 1e-1
+N_STEPS = 64
+_SMOOTHING = 0.9
+# Stop once the smoothed loss is this many times its lowest: the rate has diverged.
+_DIVERGED = 4.0
+# The chosen rate is the one of the lowest smoothed loss divided by this (fastai's rule: the
+# lowest point is already at the edge of instability).
+_BACK_OFF = 10.0
+
+
+def lr_range_test(
+    model: nn.Module,
+    batches: Sequence[Any],
+    step: Callable[[torch.optim.Optimizer, Any], float],
+    make_optimizer: Callable[[float], torch.optim.Optimizer],
+    *,
+    low: float = LOW,
+    high: float = HIGH,
+    n_steps: int = N_STEPS,
+) -> tuple[float, dict[str, list[float]]]:
+    """Raise the learning rate geometrically over training steps and return a good peak rate.
+
+    ``n_steps`` steps of ``step(optimizer, batch)`` (which returns the batch's loss after one
+    update) run with rates from ``low`` to ``high``, cycling through ``batches``; the test stops
+    early once the smoothed loss exceeds four times its minimum or is not finite. The chosen
+    rate is the one at the lowest smoothed loss divided by ten. The model's weights are
+    restored afterwards (the optimizer is thrown away).
+
+    Parameters
+    ----------
+    model
+        The model being trained; its state is saved and restored.
+    batches
+        Training batches, as ``step`` takes them.
+    step
+        One optimizer step on a batch; returns the loss.
+    make_optimizer
+        Builds a fresh optimizer with a given learning rate.
+    low, high
+        The range of rates.
+    n_steps
+        Steps of the test.
+
+    Returns
+    -------
+    ``(lr, curve)`` with ``curve = {"lr": [...], "loss": [...]}`` (the smoothed loss).
+
+    Examples
+    --------
+    >>> net = nn.Linear(4, 2)
+    >>> x, y = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(64)
+    >>> def step(opt, batch):
+    ...     loss = nn.functional.cross_entropy(net(x[batch]), y[batch].long())
+    ...     opt.zero_grad(); loss.backward(); opt.step()
+    ...     return float(loss.detach())
+    >>> lr, curve = lr_range_test(net, [slice(0, 32), slice(32, 64)], step,
+    ...                           lambda lr: torch.optim.SGD(net.parameters(), lr=lr))
+    >>> 1e-6 < lr < 1e-1
+    True
+    """
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rates = np.geomspace(low, high, n_steps)
+    optimizer = make_optimizer(float(rates[0]))
+    curve: dict[str, list[float]] = {"lr": [], "loss": []}
+    smoothed, best = 0.0, np.inf
+    for index, rate in enumerate(rates):
+        for group in optimizer.param_groups:
+            group["lr"] = float(rate)
+        loss = step(optimizer, batches[index % len(batches)])
+        if not np.isfinite(loss):
+            break
+        smoothed = _SMOOTHING * smoothed + (1 - _SMOOTHING) * loss
+        debiased = smoothed / (1 - _SMOOTHING ** (index + 1))
+        curve["lr"].append(float(rate))
+        curve["loss"].append(float(debiased))
+        best = min(best, debiased)
+        if debiased > _DIVERGED * best:
+            break
+    model.load_state_dict(saved)
+    if not curve["loss"]:
+        return float(low), curve
+    chosen = curve["lr"][int(np.argmin(curve["loss"]))] / _BACK_OFF
+    return float(max(chosen, low)), curve
