@@ -36,6 +36,14 @@ doc_copy = """\
 copy
     Return a new AnnData instead of writing into ``adata``."""
 
+doc_plot_output = """\
+ax
+    Axes to draw into; default a new figure.
+show
+    Show the figure; default: when nothing is saved and matplotlib is interactive.
+save
+    File to save the figure to."""
+
 
 def doc_params(**fragments: str) -> Callable[[F], F]:
     """Replace ``{name}`` in a docstring by the fragment ``name``, indented to match.

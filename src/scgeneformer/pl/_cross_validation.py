@@ -9,6 +9,7 @@ import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
 
+from .._docs import doc_params, doc_plot_output
 from ..tl._metrics import SPLIT_SCORES
 from ._utils import finish, new_axes
 
@@ -25,6 +26,7 @@ def _cv_result(adata: AnnData, key: str) -> dict[str, Any]:
     return result
 
 
+@doc_params(plot_output=doc_plot_output)
 def finetune_splits(
     adata: AnnData,
     key: str,
@@ -47,12 +49,7 @@ def finetune_splits(
         The ``key_added`` (default the ``label_key``) of that run.
     metric
         ``"macro_f1"``, ``"accuracy"`` or ``"auroc"``.
-    ax
-        Axes to draw into; default a new figure.
-    show
-        Show the figure; default: when nothing is saved and matplotlib is interactive.
-    save
-        File to save the figure to.
+    {plot_output}
 
     Returns
     -------

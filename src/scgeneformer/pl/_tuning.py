@@ -8,9 +8,11 @@ import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
 
+from .._docs import doc_params, doc_plot_output
 from ._utils import finish, new_axes
 
 
+@doc_params(plot_output=doc_plot_output)
 def tune_trials(
     adata: AnnData,
     key: str,
@@ -31,12 +33,7 @@ def tune_trials(
         Cells after :func:`scgeneformer.tl.tune_finetune`.
     key
         Its ``key_added`` (default the ``label_key``).
-    ax
-        Axes to draw into; default a new figure.
-    show
-        Show the figure; default: when nothing is saved and matplotlib is interactive.
-    save
-        File to save the figure to.
+    {plot_output}
 
     Returns
     -------
