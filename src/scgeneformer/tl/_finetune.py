@@ -284,7 +284,8 @@ def finetune(
     >>> adata = sgf.datasets.synthetic_states(n_cells=300, random_state=0)
     >>> vocab = sgf.Vocabulary.build(adata, max_length=2048)
     >>> model = sgf.Geneformer.from_config("V1-10M", vocab, num_hidden_layers=2, random_state=0)
-    >>> clf = sgf.tl.finetune(adata, model, label_key="state", group_key="donor", epochs=2)
+    >>> clf = sgf.tl.finetune(adata, model, label_key="state", group_key="donor",
+    ...                       epochs=1, lr=1e-3)
     >>> adata.uns["state_finetune"]["macro_f1"]  # doctest: +SKIP
     0.93
     >>> sgf.pl.confusion_matrix(adata, "state")  # doctest: +SKIP
