@@ -373,7 +373,11 @@ class Geneformer(nn.Module):
 
     # ------------------------------------------------------------------ forward paths
     def _padded_inputs(
-        self, input_ids: TensorLike, attention_mask: TensorLike | None, validate: bool
+        self,
+        input_ids: TensorLike,
+        attention_mask: TensorLike | None,
+        validate: bool,
+        key_gate: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PaddedAttention]:
         ids = self._token_tensor(input_ids, 2, "input_ids")
         if attention_mask is None:
@@ -388,6 +392,13 @@ class Geneformer(nn.Module):
             self._check_length(ids.shape[1])
             self.check_token_ids(ids)
         bias = None if bool(keep.all()) else key_padding_bias(keep, self.dtype)
+        if key_gate is not None:
+            if key_gate.shape != ids.shape:
+                raise ValueError(
+                    f"key_gate has shape {tuple(key_gate.shape)}, input_ids {tuple(ids.shape)}."
+                )
+            gate = key_gate.to(self.dtype)[:, None, None, :]
+            bias = gate if bias is None else bias + gate
         return ids, PaddedAttention(bias)
 
     def hidden_states(
@@ -397,6 +408,7 @@ class Geneformer(nn.Module):
         *,
         layer: int = -1,
         validate: bool = True,
+        key_gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states of a padded batch at one layer; later layers never run.
 
@@ -413,6 +425,10 @@ class Geneformer(nn.Module):
         validate
             Check ids and length (one device synchronisation). Leave it on unless the input
             was checked before.
+        key_gate
+            Log-gates ``(cells, length)`` added to every query's attention logits for each
+            key (0: the token as it is; very negative: other tokens no longer see it). It may
+            require grad: the first-order screen differentiates through it.
 
         Returns
         -------
@@ -424,7 +440,7 @@ class Geneformer(nn.Module):
         torch.Size([2, 4, 256])
         """
         n_layers = self._n_layers(layer)
-        ids, attend = self._padded_inputs(input_ids, attention_mask, validate)
+        ids, attend = self._padded_inputs(input_ids, attention_mask, validate, key_gate)
         positions = torch.arange(ids.shape[1], device=ids.device)
         return self.bert(ids, positions, attend, n_layers)
 

@@ -2,7 +2,7 @@
 
 from ._classification import confusion_matrix
 from ._cross_validation import finetune_splits
-from ._deletion import deletion_ranking, deletion_volcano
+from ._deletion import deletion_ranking, deletion_volcano, downstream_genes
 from ._training import loss_curve
 from ._tuning import tune_trials
 
@@ -10,6 +10,7 @@ __all__ = [
     "confusion_matrix",
     "deletion_ranking",
     "deletion_volcano",
+    "downstream_genes",
     "finetune_splits",
     "loss_curve",
     "tune_trials",

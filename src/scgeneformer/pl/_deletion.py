@@ -154,3 +154,90 @@ def deletion_volcano(
     ax.set_ylabel("-log10 FDR")
     ax.legend(frameon=False, fontsize=8)
     return finish(ax, show, save)
+
+
+def downstream_genes(
+    adata: AnnData,
+    gene: str,
+    key: str = "in_silico_delete",
+    *,
+    n_top: int = 20,
+    min_cells: int = 1,
+    gene_symbols: str | None = "auto",
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike | None = None,
+) -> Axes | None:
+    """Bar chart of the genes whose own embedding moves most when ``gene`` is deleted.
+
+    Reads ``varp[f"{key}_gene_shift"]`` (``1 - cos`` of each affected gene's state at the
+    layer read, original against variant, averaged over the cells where both genes were
+    present), written by :func:`~scgeneformer.tl.in_silico_delete` with ``gene_shifts=True``;
+    bars are labelled with those cells.
+
+    Parameters
+    ----------
+    adata
+        AnnData with the results of a screen run with ``gene_shifts=True``.
+    gene
+        The deleted gene: a ``var_names`` entry or a value of ``gene_symbols``.
+    key
+        The screen's ``key_added``.
+    n_top
+        Affected genes to show.
+    min_cells
+        Leave out affected genes seen in fewer cells.
+    gene_symbols
+        Column of ``var`` to label (and find) genes with; ``"auto"`` uses ``gene_symbol`` if
+        present.
+    ax, show, save
+        As in scanpy: draw into ``ax``; show the figure; save it to this path.
+
+    Returns
+    -------
+    The Axes when ``show`` is False, else None.
+
+    Examples
+    --------
+    >>> sgf.tl.in_silico_delete(adata, model, state_key="state", start_state="disease",
+    ...                         goal_state="healthy", gene_shifts=True)  # doctest: +SKIP
+    >>> sgf.pl.downstream_genes(adata, "DRIVER1", n_top=10)  # doctest: +SKIP
+    """
+    slot = f"{key}_gene_shift"
+    if slot not in adata.varp:
+        raise KeyError(
+            f"adata.varp has no {slot!r}; run sgf.tl.in_silico_delete with gene_shifts=True "
+            f"and key_added={key!r} first."
+        )
+    symbols = _default_symbols(adata) if gene_symbols == "auto" else gene_symbols
+    if symbols is not None and symbols not in adata.var.columns:
+        raise KeyError(f"gene_symbols={symbols!r} is not a column of adata.var.")
+    labels = np.asarray(adata.var[symbols] if symbols is not None else adata.var_names, str)
+    hits = np.flatnonzero(adata.var_names == gene)
+    if len(hits) == 0:
+        hits = np.flatnonzero(labels == gene)
+    if len(hits) == 0:
+        raise KeyError(f"{gene!r} is neither in var_names nor in var[{symbols!r}].")
+    shift = adata.varp[slot].tocsr()[hits[0]]
+    cells = adata.varp[f"{slot}_n_cells"].tocsr()[hits[0]]
+    table = pd.DataFrame(
+        {
+            "gene": labels[cells.indices],
+            "shift": np.asarray(shift[0, cells.indices].todense()).ravel(),
+            "n_cells": cells.data,
+        }
+    )
+    table = table[table["n_cells"] >= min_cells]
+    if table.empty:
+        raise ValueError(
+            f"Deleting {gene!r} shifted no gene seen in {min_cells}+ cells: was it deleted "
+            "exactly in the screen (with two_stage, only candidates and background are)?"
+        )
+    top = table.nlargest(n_top, "shift").iloc[::-1]
+    ax = new_axes(ax, (6, 0.3 * len(top) + 1.2))
+    ax.barh(top["gene"], top["shift"], color="tab:blue")
+    for y, (value, n) in enumerate(zip(top["shift"], top["n_cells"], strict=True)):
+        ax.annotate(f" {int(n)} cells", (value, y), va="center", fontsize=7)
+    ax.set_xlabel("mean shift of the gene's own embedding (1 - cosine)")
+    ax.set_title(f"genes moved by deleting {gene}: {key}")
+    return finish(ax, show, save)

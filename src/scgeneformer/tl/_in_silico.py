@@ -5,6 +5,10 @@ is made (the gene removed, or moved to the front), embedded at the chosen layer 
 original, and scored by how much closer it comes to the goal state's embedding. All variants
 of one cell share one length, so they run as one dense, unpadded batch that stops at the
 layer read; cosines are taken on the device.
+
+``method="first_order"`` replaces the variants by one forward and one backward pass per cell
+(see ``_first_order``); ``"two_stage"`` then deletes exactly each cell's leading candidates
+and a rank-matched background of its other genes.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -27,9 +32,19 @@ from .._slots import positions_of, token_values_to_var, var_tokens
 from ..model import Geneformer
 from ..train._distributed import setup_distributed
 from ..train._optim import autocast, resolve_device_dtype
+from ._anchor import anchor_token, anchor_variants, check_anchor_present
+from ._downstream import GeneShifts, write_gene_shifts
+from ._first_order import MAGNITUDE_PROJECTIONS, gate_estimates, rank_matched_background
 from ._inference import check_pooling, encode_cells, hidden_layer_index, inference_on
 from ._perturb_stats import gene_statistics
 from ._tokens import cell_tokens
+
+METHODS = ("exact", "first_order", "two_stage")
+# Chosen on synthetic_states with a fine-tuned classifier (bench/bench_in_silico.py
+# --methods, bench/RESULTS.md): at 256 tokens the first-order top n held 0.80, 0.89, 0.94
+# and 0.95 of each cell's exact top 10 for n = 24, 32, 48, 64; 32 is where the gain per
+# added candidate falls off, and it keeps two_stage about 4x faster than exact there.
+DEFAULT_N_EXACT = 32
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,35 @@ class _Screen:
     mode: str  # "delete" or "overexpress"
     targets: dict[str, torch.Tensor]  # name -> state embedding; empty without states
     listed: np.ndarray | None  # token ids to perturb; None = every gene of each cell
+    method: str = "exact"
+    n_exact: int = DEFAULT_N_EXACT  # candidates per cell deleted exactly ("two_stage")
+    n_background: int = DEFAULT_N_EXACT // 4  # rank-matched null genes per cell ("two_stage")
+    random_state: int = 0
+    gene_shifts: bool = False  # also each deletion's shift of every other gene's own state
+    anchor: int | None = None  # token deleted together with each exactly deleted gene
+
+    def exact_positions(
+        self, c: int, positions: torch.Tensor, estimate: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which of ``positions`` to delete exactly, and which of those form the baseline."""
+        everything = torch.ones(positions.numel(), dtype=torch.bool)
+        if self.method == "exact":
+            return everything, everything
+        if self.method == "first_order":
+            return ~everything, everything
+        if positions.numel() <= self.n_exact:
+            return everything, everything
+        order = torch.argsort(estimate, descending=True, stable=True)
+        candidates = order[: self.n_exact].numpy()
+        rng = np.random.default_rng([self.random_state, int(c)])
+        others = rank_matched_background(
+            np.arange(positions.numel()), candidates, self.n_background, rng
+        )
+        exact = torch.zeros_like(everything)
+        exact[candidates] = True
+        background = torch.zeros_like(everything)
+        background[others] = True
+        return exact | background, background
 
 
 def _state_cells(adata: AnnData, state_key: str, state: str, n_tokens: np.ndarray) -> np.ndarray:
@@ -130,63 +174,162 @@ def _run_screen(
     device: torch.device,
     dtype: torch.dtype,
     token_budget: int,
-) -> pd.DataFrame:
-    """One row per (cell, perturbed gene): cell, token, position and scores."""
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """One row per (cell, perturbed gene): cell, token, position, scores, estimates.
+
+    With ``screen.gene_shifts`` also the (deleted, affected) downstream pairs, else None.
+    """
     vocab = model.vocab
     lead = 1 if vocab.has_cls else 0
     trail = lead
     special = torch.tensor(list(vocab.special_tokens.values()), device=device)
     targets = {k: v.to(device) for k, v in screen.targets.items()}
     listed = None if screen.listed is None else torch.as_tensor(screen.listed, device=device)
-    columns: dict[str, list[np.ndarray]] = {"cell": [], "token": [], "position": []}
+    columns: dict[str, list[np.ndarray]] = {
+        "cell": [],
+        "token": [],
+        "position": [],
+        "exact": [],
+        "baseline": [],
+    }
     for name in [*targets, "magnitude"]:
         columns[f"score_{name}"] = []
+    estimated = list(targets) or ["magnitude"]
+    if screen.anchor is not None:
+        columns["anchor_combined"], columns["anchor_alone"] = [], []
+    if screen.method != "exact":
+        for name in estimated:
+            columns[f"estimate_{name}"] = []
 
-    def embed(batch: torch.Tensor) -> torch.Tensor:
+    def embed(batch: torch.Tensor, on_states=None) -> torch.Tensor:
         parts = []
         per_batch = max(1, token_budget // batch.shape[1])
         for start in range(0, batch.shape[0], per_batch):
             chunk = batch[start : start + per_batch]
-            states = model.hidden_states(chunk, layer=layer_index, validate=False)
-            parts.append(_pool(states.float(), lead, trail, pooling))
+            states = model.hidden_states(chunk, layer=layer_index, validate=False).float()
+            if on_states is not None:
+                on_states(start, states)
+            parts.append(_pool(states, lead, trail, pooling))
         return torch.cat(parts)
 
     bar = progress_bar(total=len(cells), desc=f"in silico {screen.mode}", unit="cells")
+    shifts = GeneShifts(len(vocab)) if screen.gene_shifts else None
+
+    def first_order(chunk: np.ndarray) -> dict[int, dict[str, torch.Tensor]]:
+        """Estimates for a chunk of cells, from one padded forward and backward pass."""
+        rows = [
+            torch.as_tensor(tokens[c, : n_tokens[c]].astype(np.int64), device=device) for c in chunk
+        ]
+        seeds = [int(screen.random_state) * 1_000_003 + int(c) for c in chunk]
+        kwargs = dict(layer_index=layer_index, lead=lead, trail=trail, pooling=pooling)
+        found = gate_estimates(model, rows, targets, seeds=seeds, **kwargs)
+        return dict(zip(chunk.tolist(), found, strict=True))
+
+    copies = 1 if targets else MAGNITUDE_PROJECTIONS
+    # Consecutive cells share a gradient pass; the cell loop computes the next chunk's
+    # estimates when it reaches a cell without them.
+    chunks = iter(_gradient_chunks(cells, n_tokens, token_budget, copies))
+    estimates: dict[int, dict[str, torch.Tensor]] = {}
     no_tokens = torch.empty(0, dtype=torch.long, device=device)
     with inference_on(model, device), autocast(device, dtype), bar:
         for c in cells:
+            if screen.method != "exact" and c not in estimates:
+                estimates = first_order(next(chunks))
             row = torch.as_tensor(tokens[c, : n_tokens[c]].astype(np.int64), device=device)
             is_gene = ~torch.isin(row, special)
             wanted = is_gene if listed is None else is_gene & torch.isin(row, listed)
             positions = torch.nonzero(wanted).flatten()
             inserts = no_tokens
-            if screen.mode == "delete":
-                variant_sets = [_deleted(row, positions)]
-            else:
-                variant_sets = [_moved_to_front(row, positions, lead)]
-                if listed is not None:
-                    inserts = listed[~torch.isin(listed, row)]
-                    variant_sets.append(
-                        _inserted_in_front(row, inserts, lead, trail, model.max_length)
-                    )
-            variant_sets = [v for v in variant_sets if v.shape[0]]
+            if screen.mode == "overexpress" and listed is not None:
+                inserts = listed[~torch.isin(listed, row)]
             bar.update(1)
-            if not variant_sets:
+            n_rows = positions.numel() + inserts.numel()
+            if n_rows == 0:
                 continue
-            original = embed(row[None, :])
-            pooled = torch.cat([embed(v) for v in variant_sets])
-            columns["cell"].append(np.full(len(pooled), c))
+            exact = torch.ones(n_rows, dtype=torch.bool)
+            baseline = exact
+            if screen.method != "exact":
+                estimate = estimates[c]
+                at = positions.cpu()
+                for name in estimated:
+                    columns[f"estimate_{name}"].append(estimate[name][at].numpy())
+                exact, baseline = screen.exact_positions(c, at, estimate[estimated[0]][at])
+            if screen.mode == "delete":
+                variant_sets = [_deleted(row, positions[exact.to(device)])]
+            else:
+                variant_sets = [
+                    _moved_to_front(row, positions, lead),
+                    _inserted_in_front(row, inserts, lead, trail, model.max_length),
+                ]
+            columns["cell"].append(np.full(n_rows, c))
             columns["token"].append(torch.cat([row[positions], inserts]).cpu().numpy())
             where = torch.cat([positions, torch.full_like(inserts, -1)])
             columns["position"].append(where.cpu().numpy())
-            for name, target in targets.items():
-                shift = F.cosine_similarity(pooled, target[None, :]) - F.cosine_similarity(
-                    original, target[None, :]
-                )
-                columns[f"score_{name}"].append(shift.cpu().numpy())
-            magnitude = 1 - F.cosine_similarity(pooled, original)
-            columns["score_magnitude"].append(magnitude.cpu().numpy())
-    return pd.DataFrame({k: np.concatenate(v) if v else np.empty(0) for k, v in columns.items()})
+            columns["exact"].append(exact.numpy())
+            columns["baseline"].append(baseline.numpy())
+            scores = {name: np.full(n_rows, np.nan, np.float32) for name in [*targets, "magnitude"]}
+            variant_sets = [v for v in variant_sets if v.shape[0]]
+            if variant_sets:
+                states = model.hidden_states(row[None, :], layer=layer_index, validate=False)
+                states = states.float()
+                original = _pool(states, lead, trail, pooling)
+                on_states = None
+                if shifts is not None:
+                    deleted = positions[exact.to(device)]
+                    on_states = partial(shifts.add, row, states[0], deleted, is_gene)
+                pooled = torch.cat([embed(v, on_states) for v in variant_sets])
+                for name, target in targets.items():
+                    shift = F.cosine_similarity(pooled, target[None, :]) - F.cosine_similarity(
+                        original, target[None, :]
+                    )
+                    scores[name][exact.numpy()] = shift.cpu().numpy()
+                magnitude = 1 - F.cosine_similarity(pooled, original)
+                scores["magnitude"][exact.numpy()] = magnitude.cpu().numpy()
+            for name, values in scores.items():
+                columns[f"score_{name}"].append(values)
+            if screen.anchor is not None:
+                combined = np.full(n_rows, np.nan, np.float32)
+                alone = np.full(n_rows, np.nan, np.float32)
+                found = torch.nonzero(row == screen.anchor).flatten()
+                at = int(found[0]) if found.numel() else -1
+                paired = exact.to(device) & (positions != at)
+                if at >= 0 and variant_sets and bool(paired.any()):
+                    without, both = anchor_variants(row, at, positions[paired])
+                    goal = targets.get("goal")
+                    alone[:] = _score(embed(without), original, goal).cpu().numpy()
+                    combined[paired.cpu().numpy()] = _score(embed(both), original, goal).cpu()
+                columns["anchor_combined"].append(combined)
+                columns["anchor_alone"].append(alone)
+    table = pd.DataFrame({k: np.concatenate(v) if v else np.empty(0) for k, v in columns.items()})
+    return table, None if shifts is None else shifts.frame()
+
+
+def _score(pooled: torch.Tensor, original: torch.Tensor, goal: torch.Tensor | None):
+    """Score variants: the shift toward ``goal``, or the magnitude without one."""
+    if goal is None:
+        return 1 - F.cosine_similarity(pooled, original)
+    return F.cosine_similarity(pooled, goal[None, :]) - F.cosine_similarity(original, goal[None, :])
+
+
+def _gradient_chunks(
+    cells: np.ndarray, n_tokens: np.ndarray, token_budget: int, rows: int
+) -> list[np.ndarray]:
+    """Split ``cells`` into runs of consecutive cells, one padded gradient pass each.
+
+    Each cell takes ``rows`` rows. A chunk holds at most ``token_budget`` padded tokens and,
+    because masked attention keeps every layer's ``length x length`` scores for the backward
+    pass, at most about 2**26 scores per head and layer (one cell always fits).
+    """
+    out, begin, width = [], 0, 0
+    for i, c in enumerate(cells):
+        wider = max(width, int(n_tokens[c]))
+        count = (i - begin + 1) * rows
+        if i > begin and (count * wider > token_budget or count * wider**2 > 2**26):
+            out.append(cells[begin:i])
+            begin, wider = i, int(n_tokens[c])
+        width = wider
+    out.append(cells[begin:])
+    return [chunk for chunk in out if len(chunk)]
 
 
 def _remove_tokens(tokens: np.ndarray, n_tokens: np.ndarray, drop: np.ndarray):
@@ -212,6 +355,11 @@ def _screen(
     alt_states: Sequence[str],
     genes: str | Sequence[str],
     combine: bool,
+    method: str,
+    n_exact: int | None,
+    n_background: int | None,
+    gene_shifts: bool,
+    anchor_gene: str | None,
     max_cells: int | None,
     emb_layer: int,
     pooling: str,
@@ -240,6 +388,22 @@ def _screen(
         raise ValueError("combine=True is supported for deletion only.")
     if min_cells < 1:
         raise ValueError(f"min_cells must be at least 1, got {min_cells}.")
+    n_exact, n_background = _check_method(mode, method, n_exact, n_background, combine)
+    anchor = None
+    if anchor_gene is not None:
+        if method == "first_order" or mode != "delete" or combine:
+            raise ValueError(
+                "anchor_gene combines exact single deletions with the anchor: it needs "
+                f"method='exact' or 'two_stage' (got mode={mode!r}, method={method!r}, "
+                f"combine={combine})."
+            )
+        anchor = anchor_token(model, anchor_gene)
+    if gene_shifts and (method == "first_order" or mode != "delete" or combine):
+        raise ValueError(
+            "gene_shifts=True compares each gene's own state in exactly deleted variants: it "
+            f"needs single deletions with method='exact' or 'two_stage' (got mode={mode!r}, "
+            f"method={method!r}, combine={combine})."
+        )
 
     target = adata.copy() if copy else adata
     device_, dtype_ = resolve_device_dtype(device, dtype)
@@ -258,6 +422,8 @@ def _screen(
     if max_cells is not None and len(start) > max_cells:
         rng = np.random.default_rng(random_state)
         start = np.sort(rng.choice(start, size=int(max_cells), replace=False))
+    if anchor is not None:
+        n_anchor_cells = check_anchor_present(tokens, n_tokens, start, anchor, anchor_gene)
     skipped = int(((n_tokens == 0) & _in_state(target, state_key, start_state)).sum())
     if skipped:
         warnings.warn(
@@ -324,9 +490,11 @@ def _screen(
         )
         return target if copy else None
 
-    screen = _Screen(mode, targets, listed)
+    screen = _Screen(
+        mode, targets, listed, method, n_exact, n_background, random_state, gene_shifts, anchor
+    )
     try:
-        table = _run_screen(
+        table, pairs = _run_screen(
             model,
             tokens,
             n_tokens,
@@ -339,36 +507,129 @@ def _screen(
             token_budget=budget,
         )
         table = pd.concat(ctx.gather(table), ignore_index=True)
+        pair_frames = ctx.gather(pairs) if gene_shifts else []
     finally:
         ctx.close()
     params["n_processes"] = ctx.world_size
-    main = "score_goal" if targets else "score_magnitude"
+    main = "goal" if targets else "magnitude"
+    if anchor is not None:
+        alone = table["anchor_alone"] + table[f"score_{main}"]
+        table["anchor_interaction"] = table["anchor_combined"] - alone
+    exact = table["exact"].to_numpy(bool)
+    if method == "first_order":
+        scored, score = table, table[f"estimate_{main}"].to_numpy()
+    else:
+        scored = table[exact]
+        score = scored[f"score_{main}"].to_numpy()
     result = gene_statistics(
-        table["cell"].to_numpy(),
-        table["token"].to_numpy(),
-        table["position"].to_numpy(),
-        table[main].to_numpy(),
+        scored["cell"].to_numpy(),
+        scored["token"].to_numpy(),
+        scored["position"].to_numpy(),
+        score,
         min_cells=min_cells,
+        baseline=scored["baseline"].to_numpy(bool),
     )
     var_token = var_tokens(target)
 
-    def per_var(values: np.ndarray, fill: float = np.nan) -> np.ndarray:
-        return token_values_to_var(var_token, result.token, values, fill)
+    def per_var(values: np.ndarray, tokens: np.ndarray = result.token, fill: float = np.nan):
+        if len(tokens) == 0:
+            return np.full(len(var_token), fill)
+        return token_values_to_var(var_token, tokens, values, fill)
 
-    target.var[f"{key_added}_shift"] = per_var(result.shift)
+    def gene_means(column: str, rows: pd.DataFrame = table) -> np.ndarray:
+        means = rows.groupby("token")[column].mean()
+        return per_var(means.to_numpy(), means.index.to_numpy())
+
+    exact_rows = table[exact]
+    target.var[f"{key_added}_shift"] = gene_means(f"score_{main}", exact_rows)
     target.var[f"{key_added}_zscore"] = per_var(result.zscore)
     target.var[f"{key_added}_pval"] = per_var(result.pval)
     target.var[f"{key_added}_fdr"] = per_var(result.fdr)
-    target.var[f"{key_added}_n_cells"] = per_var(result.n_cells, 0).astype(np.int64)
+    target.var[f"{key_added}_n_cells"] = per_var(result.n_cells, fill=0).astype(np.int64)
     for alt in alt_states:
-        alt_shift = table.groupby("token")[f"score_{alt}"].mean().reindex(result.token).to_numpy()
-        target.var[f"{key_added}_shift_{alt}"] = per_var(alt_shift)
+        target.var[f"{key_added}_shift_{alt}"] = gene_means(f"score_{alt}", exact_rows)
+    if method != "exact":
+        target.var[f"{key_added}_estimate"] = gene_means(f"estimate_{main}")
+        for alt in alt_states:
+            target.var[f"{key_added}_estimate_{alt}"] = gene_means(f"estimate_{alt}")
+        counts = table.groupby("token").size()
+        target.var[f"{key_added}_n_cells_estimate"] = per_var(
+            counts.to_numpy(), counts.index.to_numpy(), fill=0
+        ).astype(np.int64)
     if store_per_cell:
-        target.layers[key_added] = _per_cell_layer(target, table, main, var_token)
+        if len(exact_rows):
+            target.layers[key_added] = _per_cell_layer(
+                target, exact_rows, f"score_{main}", var_token
+            )
+        if method != "exact":
+            target.layers[f"{key_added}_estimate"] = _per_cell_layer(
+                target, table, f"estimate_{main}", var_token
+            )
+    params["method"] = method
+    if anchor is not None:
+        target.var[f"{key_added}_anchor_combined"] = gene_means("anchor_combined", exact_rows)
+        target.var[f"{key_added}_anchor_interaction"] = gene_means("anchor_interaction", exact_rows)
+        paired = table[table["anchor_combined"].notna()]
+        counts = paired.groupby("token").size()
+        target.var[f"{key_added}_anchor_n_cells"] = per_var(
+            counts.to_numpy(), counts.index.to_numpy(), fill=0
+        ).astype(np.int64)
+        alone = table.groupby("cell")["anchor_alone"].first().dropna()
+        params["anchor_gene"] = str(anchor_gene)
+        params["anchor_shift"] = float(alone.mean()) if len(alone) else float("nan")
+        params["n_anchor_cells"] = int(n_anchor_cells)
+    if gene_shifts:
+        params["n_gene_shift_pairs"] = write_gene_shifts(target, pair_frames, var_token, key_added)
+    params["gene_shifts"] = bool(gene_shifts)
+    if method == "two_stage":
+        params["n_exact"] = int(n_exact)
+        params["n_background"] = int(n_background)
+    params["exact_share"] = float(exact.mean()) if len(table) else 0.0
+    params["statistics_from"] = _STATISTICS_FROM[method]
     params["n_genes_tested"] = int(np.isfinite(result.pval).sum())
-    params["n_perturbations"] = len(table)
+    params["n_perturbations"] = int(exact.sum())
+    params["n_estimates"] = len(table) if method != "exact" else 0
     target.uns[key_added] = params
     return target if copy else None
+
+
+_STATISTICS_FROM = {
+    "exact": "exact deletions of every gene",
+    "first_order": "first-order estimates (no exact deletion ran)",
+    "two_stage": "exact deletions of each cell's candidates and of a rank-matched random "
+    "background; the rank baselines and the residual spread come from the background",
+}
+
+
+def _check_method(
+    mode: str, method: str, n_exact: int | None, n_background: int | None, combine: bool
+) -> tuple[int, int]:
+    """Refuse unknown methods and bad sizes; the two-stage sizes with their defaults."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if method != "exact" and mode != "delete":
+        raise ValueError(
+            f"method={method!r} is for deletion only: moving a gene to the front changes "
+            "every position after <cls>, which no token gate can express. Use method='exact'."
+        )
+    if method != "exact" and combine:
+        raise ValueError(
+            f"combine=True deletes one set per cell; use method='exact', not {method!r}."
+        )
+    for name, value in (("n_exact", n_exact), ("n_background", n_background)):
+        if value is None:
+            continue
+        if method != "two_stage":
+            raise ValueError(f"{name} applies to method='two_stage', not method={method!r}.")
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"{name} must be an integer, got {value!r}.")
+        if value < (1 if name == "n_exact" else 0):
+            raise ValueError(
+                f"{name} must be at least {1 if name == 'n_exact' else 0}, got {value}."
+            )
+    n_exact = DEFAULT_N_EXACT if n_exact is None else int(n_exact)
+    n_background = n_exact // 4 if n_background is None else int(n_background)
+    return n_exact, n_background
 
 
 def _in_state(adata: AnnData, state_key: str | None, state: str | None) -> np.ndarray:
@@ -425,6 +686,26 @@ def _combined(
     adata.uns[key_added] = params
 
 
+_DELETION_PARAMETERS = """    n_exact
+        Candidates per cell deleted exactly with ``method="two_stage"`` (default 32: on a
+        fine-tuned classifier at 256 tokens per cell they held 89% of each cell's exact top
+        10, 64 held 95%; see ``bench/RESULTS.md``).
+    n_background
+        Random rank-matched genes per cell, besides the candidates, deleted exactly with
+        ``method="two_stage"`` as the null of the statistics (default ``n_exact // 4``).
+    gene_shifts
+        Also record, for every exact deletion, how far each other gene of the cell moves:
+        ``1 - cos`` of that gene's own hidden state at ``layer``, original against variant
+        (Geneformer's ``cell_and_gene`` mode). Needs ``"exact"`` or ``"two_stage"`` (whose
+        exact stage it covers); refused with ``"first_order"``.
+    anchor_gene
+        Also delete this gene together with each other gene deleted exactly, in the start
+        cells that have it (Geneformer's combinations with an anchor). The interaction
+        ``combined - (anchor alone + gene alone)`` is positive when the pair moves the cell
+        further than the two deletions' separate effects added up (synergy), negative when
+        less (redundancy). Needs ``"exact"`` or ``"two_stage"``.
+"""
+
 _SHARED_PARAMETERS = """
     Parameters
     ----------
@@ -445,7 +726,14 @@ _SHARED_PARAMETERS = """
     genes
         ``"all"`` (every gene of each cell) or a list of genes (vocabulary IDs or mapped
         symbols).
-    max_cells
+    method
+        ``"exact"`` builds and embeds every variant (``L`` forwards of length ``L`` per
+        cell). ``"first_order"`` (deletion only) estimates every gene's score from one
+        forward and one backward pass per cell, through a gate on each token as an attention
+        key and in the pooling (see Notes); no variant is built. ``"two_stage"`` (deletion
+        only) runs the first-order pass, then deletes exactly each cell's ``n_exact`` genes
+        with the largest estimates and ``n_background`` other genes at matching ranks.
+{deletion_parameters}    max_cells
         Perturb at most this many start cells (a random subset by ``random_state``).
     emb_layer, pooling
         As in :func:`~scgeneformer.tl.embed` (``layer=``, the old name of ``emb_layer``,
@@ -460,17 +748,31 @@ _SHARED_PARAMETERS = """
         As in :func:`~scgeneformer.tl.embed` (``batch_tokens=`` is the old name of
         ``token_budget``).
     random_state
-        Seed for the ``max_cells`` subset.
+        Seed for the ``max_cells`` subset, the two-stage background and the random
+        projections of the first-order magnitude.
     copy
         Return a new AnnData instead of writing into ``adata``.
 
     Returns
     -------
     None, or a new AnnData with ``copy=True``. Writes, per gene, ``var[f"{key_added}_shift"]``
-    (mean shift toward the goal over the cells where it was perturbed), ``_pval`` and
-    ``_fdr`` (against the other genes' rank-matched shifts, see Notes), ``_zscore`` (the
-    rank-adjusted statistic they come from), ``_n_cells``, and
-    ``_shift_{state}`` per alt state; the parameters in ``uns[key_added]``.
+    (mean exact shift toward the goal over the cells where it was deleted exactly; NaN
+    where it never was, so all NaN with ``"first_order"``), ``_pval`` and ``_fdr`` (against
+    the other genes' rank-matched shifts, see Notes), ``_zscore`` (the rank-adjusted
+    statistic they come from), ``_n_cells`` (the cells those statistics use), and
+    ``_shift_{state}`` per alt state. With ``"first_order"`` and ``"two_stage"`` also
+    ``_estimate`` (mean first-order estimate over every cell with the gene),
+    ``_estimate_{state}`` and ``_n_cells_estimate``; with ``store_per_cell`` the estimates
+    go to ``layers[f"{key_added}_estimate"]`` beside the exact ``layers[key_added]``.
+    ``uns[key_added]`` holds the parameters, ``method``, ``n_exact``, ``exact_share`` (the
+    share of (cell, gene) pairs deleted exactly) and ``statistics_from``. With
+    ``gene_shifts=True``: sparse ``varp[f"{key_added}_gene_shift"]`` (deleted x affected
+    gene, the mean downstream shift over the cells where both were present and the first
+    was deleted exactly) and ``varp[f"{key_added}_gene_shift_n_cells"]`` (those cells).
+    With ``anchor_gene``: ``var[f"{key_added}_anchor_combined"]`` (mean score of deleting
+    the anchor with the gene), ``_anchor_interaction`` (mean interaction, as above) and
+    ``_anchor_n_cells``, over the cells with both; ``uns[key_added]["anchor_shift"]`` is the
+    anchor's own mean score over its cells.
 
     Notes
     -----
@@ -481,6 +783,22 @@ _SHARED_PARAMETERS = """
     from the empirical null of all *other* genes' z-scores (median and MAD), with
     Benjamini-Hochberg FDR. A small FDR therefore says that a gene stands out from the rest
     of this screen, in this model; it is a ranking to follow up, not proof of causation.
+
+    Which numbers the statistics come from depends on ``method``. ``"exact"``: every exact
+    deletion. ``"first_order"``: the estimates, ranked and tested the same way (estimates
+    of a gene are comparable across cells, but their scale is not the exact shift's).
+    ``"two_stage"``: only exact deletions, of the candidates and of the background; the rank
+    baseline of every deletion and the residual spread come from the background alone,
+    which was chosen at random, not for its estimates. Candidates are still selected for high
+    estimates, so a gene's statistic comes from the cells where it looked promising: a
+    screen to choose genes for follow-up, as the exact one is.
+
+    The first-order estimate gives token ``j`` a gate ``g_j`` (1: present): ``log g_j`` is
+    added to every query's attention logits for key ``j`` in every layer, and ``g_j``
+    weights the token in the mean pooling. Closing the gate is the deletion except for the
+    shift of later positions; ``-d score / d g_j`` at the cell is its first-order estimate.
+    Without states the magnitude's gradient vanishes; its leading second-order term is
+    estimated from 16 random projections of the pooled embedding's derivative.
 """
 
 
@@ -494,6 +812,11 @@ def in_silico_delete(
     goal_state: str | None = None,
     alt_states: Sequence[str] = (),
     genes: str | Sequence[str] = "all",
+    method: str = "exact",
+    n_exact: int | None = None,
+    n_background: int | None = None,
+    gene_shifts: bool = False,
+    anchor_gene: str | None = None,
     combine: bool = False,
     max_cells: int | None = None,
     emb_layer: int = -1,
@@ -533,6 +856,11 @@ def in_silico_delete(
         alt_states=alt_states,
         genes=genes,
         combine=combine,
+        method=method,
+        n_exact=n_exact,
+        n_background=n_background,
+        gene_shifts=gene_shifts,
+        anchor_gene=anchor_gene,
         max_cells=max_cells,
         emb_layer=emb_layer,
         pooling=pooling,
@@ -557,6 +885,7 @@ def in_silico_overexpress(
     goal_state: str | None = None,
     alt_states: Sequence[str] = (),
     genes: str | Sequence[str] = "all",
+    method: str = "exact",
     max_cells: int | None = None,
     emb_layer: int = -1,
     pooling: str = "mean",
@@ -592,6 +921,11 @@ def in_silico_overexpress(
         alt_states=alt_states,
         genes=genes,
         combine=False,
+        method=method,
+        n_exact=None,
+        n_background=None,
+        gene_shifts=False,
+        anchor_gene=None,
         max_cells=max_cells,
         emb_layer=emb_layer,
         pooling=pooling,
@@ -606,5 +940,9 @@ def in_silico_overexpress(
     )
 
 
-for _function in (in_silico_delete, in_silico_overexpress):
-    _function.__doc__ = _function.__doc__.replace("{parameters}", _SHARED_PARAMETERS)
+in_silico_delete.__doc__ = in_silico_delete.__doc__.replace(
+    "{parameters}", _SHARED_PARAMETERS.replace("{deletion_parameters}", _DELETION_PARAMETERS)
+)
+in_silico_overexpress.__doc__ = in_silico_overexpress.__doc__.replace(
+    "{parameters}", _SHARED_PARAMETERS.replace("{deletion_parameters}", "")
+)

@@ -41,14 +41,20 @@ def _window_sums(values: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.
 
 
 def rank_residuals(
-    cell: np.ndarray, position: np.ndarray, score: np.ndarray, window: int = RANK_WINDOW
+    cell: np.ndarray,
+    position: np.ndarray,
+    score: np.ndarray,
+    window: int = RANK_WINDOW,
+    baseline: np.ndarray | None = None,
 ) -> np.ndarray:
     """Each score minus what the other genes deleted near it in the same cell predict.
 
     Within a cell the deletions are ordered by position; the baseline of one is a straight
     line in position fitted to up to ``window`` deletions on either side of it,
     itself excluded (a leave-one-out local linear fit, so that the steep top of the ranking
-    and its edges are followed, not averaged away).
+    and its edges are followed, not averaged away). With ``baseline`` (a boolean mask) only
+    those deletions form the fit, e.g. a random background beside candidates chosen for their
+    estimated shifts.
 
     Examples
     --------
@@ -61,22 +67,25 @@ def rank_residuals(
     sorted_cell = cell[order]
     x_all = position[order].astype(np.float64)
     y_all = score[order].astype(np.float64)
+    in_all = np.ones(len(order), bool) if baseline is None else np.asarray(baseline)[order]
     starts = np.flatnonzero(np.r_[True, sorted_cell[1:] != sorted_cell[:-1]])
     ends = np.r_[starts[1:], len(order)]
     residual = np.full(len(order), np.nan)
     for lo, hi in zip(starts, ends, strict=True):
-        n = hi - lo
+        x, y, own = x_all[lo:hi], y_all[lo:hi], in_all[lo:hi].astype(np.int64)
+        xb, yb = x[own == 1], y[own == 1]
+        n = len(xb)
         if n < 3:
             continue
-        x, y = x_all[lo:hi], y_all[lo:hi]
-        idx = np.arange(n)
-        left, right = np.maximum(idx - window, 0), np.minimum(idx + window + 1, n)
+        # Each deletion's place among the baseline deletions, and its window there.
+        idx = np.cumsum(own) - own
+        left, right = np.maximum(idx - window, 0), np.minimum(idx + own + window, n)
         # Sums over the window without the point itself.
-        count = right - left - 1
-        sx = _window_sums(x, left, right) - x
-        sy = _window_sums(y, left, right) - y
-        sxx = _window_sums(x * x, left, right) - x * x
-        sxy = _window_sums(x * y, left, right) - x * y
+        count = right - left - own
+        sx = _window_sums(xb, left, right) - own * x
+        sy = _window_sums(yb, left, right) - own * y
+        sxx = _window_sums(xb * xb, left, right) - own * x * x
+        sxy = _window_sums(xb * yb, left, right) - own * x * y
         denominator = count * sxx - sx * sx
         with np.errstate(invalid="ignore", divide="ignore"):
             slope = np.where(
@@ -107,6 +116,7 @@ def gene_statistics(
     score: np.ndarray,
     *,
     min_cells: int,
+    baseline: np.ndarray | None = None,
 ) -> GeneStats:
     """Mean shift, cells, and empirical-null test of every gene deleted in a screen.
 
@@ -117,18 +127,22 @@ def gene_statistics(
         cell's token list, and the shift.
     min_cells
         Genes deleted in fewer cells get no p-value (NaN) and do not enter the null.
+    baseline
+        Boolean mask of the deletions that form the rank-matched baselines and the pooled
+        residual spread (default: all), see :func:`rank_residuals`.
 
     Returns
     -------
     :class:`GeneStats`, one entry per distinct token.
     """
-    residual = rank_residuals(cell, position, score)
+    residual = rank_residuals(cell, position, score, baseline=baseline)
     frame = pd.DataFrame({"token": token, "score": score, "residual": residual})
     grouped = frame.groupby("token", sort=True)
     shift = grouped["score"].mean()
     n_cells = grouped["score"].size()
     mean_residual = grouped["residual"].mean()
-    finite = residual[np.isfinite(residual)]
+    spread = residual if baseline is None else residual[np.asarray(baseline)]
+    finite = spread[np.isfinite(spread)]
     pooled_sd = finite.std() if len(finite) > 1 else np.nan
     z = (mean_residual * np.sqrt(n_cells) / (pooled_sd if pooled_sd > 0 else np.nan)).to_numpy()
     testable = (n_cells.to_numpy() >= min_cells) & np.isfinite(z)
