@@ -8,15 +8,16 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from ..model import Geneformer
+from ..model import Geneformer, GeneformerClassifier
 from ..train._optim import resolve_device_dtype
 from ._inference import check_pooling, encode_cells, hidden_layer_index
+from ._model_arg import encoder_of
 from ._tokens import TOKENS_KEY, cell_tokens
 
 
 def embed(
     adata: AnnData,
-    model: Geneformer,
+    model: Geneformer | GeneformerClassifier,
     *,
     key_added: str = "X_geneformer",
     layer: int = -1,
@@ -39,7 +40,9 @@ def embed(
     adata
         Cells; tokens in ``obsm["geneformer_tokens"]`` or raw counts to make them from.
     model
-        A :class:`~scgeneformer.Geneformer`; tokens made with another vocabulary are refused.
+        A :class:`~scgeneformer.Geneformer`, or a
+        :class:`~scgeneformer.GeneformerClassifier` (its encoder is used); tokens made with
+        another vocabulary are refused.
     key_added
         Where the cell embeddings go in ``obsm`` (and gene embeddings in ``varm``).
     layer
@@ -75,6 +78,7 @@ def embed(
     >>> sgf.tl.embed(adata, model)
     >>> sc.pp.neighbors(adata, use_rep="X_geneformer")
     """
+    model = encoder_of(model)
     hidden_layer_index(model, layer)  # refuse bad arguments before touching adata
     check_pooling(model, pooling)
     target = adata.copy() if copy else adata

@@ -27,6 +27,7 @@ from ..train._optim import (
 )
 from ._baseline import coexpression_baseline, pca_logreg_baseline
 from ._inference import inference_on
+from ._model_arg import encoder_of
 from ._splits import SPLITS, check_fraction, gene_folds, split_cells
 from ._tokens import TOKENS_KEY, cell_tokens
 
@@ -359,7 +360,7 @@ def _metrics(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, A
 # ---------------------------------------------------------------------- public functions
 def finetune(
     adata: AnnData,
-    model: Geneformer,
+    model: Geneformer | GeneformerClassifier,
     *,
     label_key: str,
     task: Literal["cell", "gene"] = "cell",
@@ -415,7 +416,8 @@ def finetune(
     adata
         Cells by genes: raw counts (for tokens and the baseline) and labels.
     model
-        The pretrained :class:`~scgeneformer.Geneformer` to start from.
+        The pretrained :class:`~scgeneformer.Geneformer` to start from (or a classifier,
+        whose encoder is the start).
     label_key
         Cells: the ``obs`` column of labels. Genes: the name of the results (and the ``var``
         column of labels when ``gene_labels`` is None).
@@ -510,6 +512,7 @@ def finetune(
     0.93
     >>> sgf.pl.confusion_matrix(adata, "state")  # doctest: +SKIP
     """
+    model = encoder_of(model)  # a classifier is fine-tuned again from its encoder
     _check_training_args(
         model,
         task=task,

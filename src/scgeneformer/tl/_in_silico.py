@@ -22,10 +22,11 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from .._settings import settings
-from ..model import Geneformer
+from ..model import Geneformer, GeneformerClassifier
 from ..train._distributed import setup_distributed
 from ..train._optim import autocast, resolve_device_dtype
 from ._inference import check_pooling, encode_cells, hidden_layer_index, inference_on
+from ._model_arg import encoder_of, warn_if_not_finetuned_on
 from ._perturb_stats import gene_statistics
 from ._tokens import TOKENS_KEY, cell_tokens
 
@@ -206,7 +207,7 @@ def _remove_tokens(tokens: np.ndarray, n_tokens: np.ndarray, drop: np.ndarray):
 
 def _screen(
     adata: AnnData,
-    model: Geneformer,
+    model: Geneformer | GeneformerClassifier,
     *,
     mode: str,
     state_key: str | None,
@@ -227,6 +228,7 @@ def _screen(
     random_state: int,
     copy: bool,
 ) -> AnnData | None:
+    given, model = model, encoder_of(model)
     layer_index = hidden_layer_index(model, layer)
     check_pooling(model, pooling)
     alt_states = [str(a) for a in alt_states]
@@ -236,6 +238,8 @@ def _screen(
     elif start_state is None or goal_state is None:
         raise ValueError("With state_key, give both start_state and goal_state.")
     _check_states(adata, state_key, [s for s in (start_state, goal_state, *alt_states) if s])
+    if state_key is not None:
+        warn_if_not_finetuned_on(given, state_key, [start_state, goal_state])
     listed = _listed_tokens(model, genes)
     if combine and listed is None:
         raise ValueError("combine=True perturbs a listed set of genes together; pass genes=[...].")
@@ -439,7 +443,9 @@ _SHARED_PARAMETERS = """
     adata
         Cells; tokens in ``obsm["geneformer_tokens"]`` or raw counts to make them from.
     model
-        A pretrained (or fine-tuned) :class:`~scgeneformer.Geneformer`.
+        The classifier from :func:`~scgeneformer.tl.finetune` on ``state_key`` (its encoder
+        is screened), or a :class:`~scgeneformer.Geneformer`. A model never fine-tuned on
+        the states gets a warning: its embedding need not separate them.
     state_key
         Column of ``obs`` with cell states; without it the score is the magnitude
         ``1 - cos(variant, original)``.
@@ -492,7 +498,7 @@ _SHARED_PARAMETERS = """
 
 def in_silico_delete(
     adata: AnnData,
-    model: Geneformer,
+    model: Geneformer | GeneformerClassifier,
     *,
     state_key: str | None = None,
     start_state: str | None = None,
@@ -523,10 +529,12 @@ def in_silico_delete(
 
     Examples
     --------
+    >>> clf = sgf.tl.finetune(adata, model, label_key="condition")  # doctest: +SKIP
     >>> sgf.tl.in_silico_delete(
-    ...     adata, model, state_key="condition", start_state="stim", goal_state="ctrl"
+    ...     adata, clf, state_key="condition", start_state="stim", goal_state="ctrl"
     ... )  # doctest: +SKIP
-    >>> adata.var.sort_values("in_silico_delete_shift", ascending=False).head()  # doctest: +SKIP
+    >>> adata.var.sort_values("in_silico_delete_zscore", ascending=False).head()  # doctest: +SKIP
+    >>> sgf.pl.deletion_ranking(adata)  # doctest: +SKIP
     """
     return _screen(
         adata,
@@ -554,7 +562,7 @@ def in_silico_delete(
 
 def in_silico_overexpress(
     adata: AnnData,
-    model: Geneformer,
+    model: Geneformer | GeneformerClassifier,
     *,
     state_key: str | None = None,
     start_state: str | None = None,
@@ -583,8 +591,9 @@ def in_silico_overexpress(
     Examples
     --------
     >>> sgf.tl.in_silico_overexpress(
-    ...     adata, model, state_key="state", start_state="disease", goal_state="healthy"
+    ...     adata, clf, state_key="state", start_state="disease", goal_state="healthy"
     ... )  # doctest: +SKIP
+    >>> sgf.pl.deletion_ranking(adata, "in_silico_overexpress")  # doctest: +SKIP
     """
     return _screen(
         adata,
