@@ -100,3 +100,32 @@ def test_rankings_lead_with_the_zscore_and_leave_thin_genes_out(model_and_classi
     assert (table.loc[~table["tested"], "n_cells"] < 4).all()
     assert isinstance(table, pd.DataFrame) and table.index.isin(adata.var_names).all()
     matplotlib.pyplot.close("all")
+
+
+def test_a_long_cpu_screen_warns_with_its_estimate(model_and_classifier, monkeypatch):
+    from scgeneformer.tl import _cost
+
+    adata, _, clf = model_and_classifier
+    adata = adata.copy()
+    lengths = adata.obs["geneformer_n_tokens"].to_numpy()
+    expected = _cost.variant_flops(clf.encoder, lengths[:1], clf.encoder.num_layers - 1)
+    assert expected[0] > 0
+    monkeypatch.setattr(_cost, "MEASURED_CPU_FLOPS", 1e3)  # a very slow CPU
+    with pytest.warns(UserWarning, match=r"about [\d,]+ minutes at the rate measured"):
+        sgf.tl.in_silico_delete(adata, clf, device="cpu", **dict(SCREEN, max_cells=2))
+    assert adata.uns["in_silico_delete"]["estimated_cpu_seconds"] > 300
+    monkeypatch.setattr(_cost, "MEASURED_CPU_FLOPS", 1e30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sgf.tl.in_silico_delete(adata, clf, device="cpu", **dict(SCREEN, max_cells=2))
+
+
+def test_the_first_tokenization_says_that_numba_compiles(monkeypatch, capsys):
+    from scgeneformer.pp import _rank_kernel
+
+    monkeypatch.setattr(_rank_kernel, "_kernels_compiled", lambda: False)
+    monkeypatch.setattr(_rank_kernel.announce_first_use, "done", False, raising=False)
+    monkeypatch.setattr(sgf.settings, "progress", True)
+    _rank_kernel.announce_first_use()
+    _rank_kernel.announce_first_use()
+    assert capsys.readouterr().err.count("numba kernels") == 1

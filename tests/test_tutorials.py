@@ -174,7 +174,7 @@ def test_kang_deletion_chain(monkeypatch):
         random_state=0,
     )
     assert {"accuracy", "macro_f1"} <= set(adata.uns["condition_finetune"]["baseline"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    _, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     sgf.pl.loss_curve(clf, ax=axes[0], show=False)
     sgf.pl.confusion_matrix(adata, "condition", ax=axes[1], show=False)
     plt.close("all")

@@ -53,7 +53,7 @@ class DemoConfig:
     pretrain_steps: int = 300
     finetune_epochs: int = 6
     deletion_cells: int = 40
-    min_cells: int = 3
+    min_cells: int | None = None  # cells a gene needs to be ranked; default 1 in 8 screened
     seed: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -164,7 +164,8 @@ def run_demo(config: DemoConfig) -> dict:
     t = start = time.perf_counter()
     adata, source = _load_data(config)
     print(f"[1/6] data: {source}: {adata.n_obs:,} cells x {adata.n_vars:,} genes", flush=True)
-    vocab = Vocabulary.build(adata, max_length=config.max_length, name="demo")
+    # Genes seen in fewer than 10 cells have no median worth the name and no cells to rank in.
+    vocab = Vocabulary.build(adata, max_length=config.max_length, min_cells=10, name="demo")
     rank_tokenize(adata, vocab)
     t = _step(config, "vocabulary and tokens", t)
 
@@ -182,7 +183,7 @@ def run_demo(config: DemoConfig) -> dict:
     sc.tl.umap(adata, random_state=config.seed)
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False)
     colour = [config.state_key, "leiden"] + (["cell_type"] if "cell_type" in adata.obs else [])
-    sc.pl.umap(adata, color=colour, wspace=0.5, show=False)
+    sc.pl.umap(adata, color=colour, wspace=0.35, show=False)
     figures["UMAP of the pretrained model's embedding"] = _figure(out / "umap.png")
     t = _step(config, "embedding", t)
 
@@ -213,7 +214,7 @@ def run_demo(config: DemoConfig) -> dict:
         goal_state=config.goal,
         max_cells=config.deletion_cells,
         layer=0,
-        min_cells=config.min_cells,
+        min_cells=_min_cells(config),
         random_state=config.seed,
     )
     symbols = "gene_symbol" if "gene_symbol" in adata.var.columns else None
@@ -233,6 +234,13 @@ def run_demo(config: DemoConfig) -> dict:
     )
     print(f"done in {config.timings['total']:.0f} s; report: {out / 'report.md'}")
     return {"comparison": comparison, "figures": figures, "table": table}
+
+
+def _min_cells(config: DemoConfig) -> int:
+    """Cells a gene needs to be ranked: a mean over 3 cells is mostly noise at the top."""
+    if config.min_cells is not None:
+        return config.min_cells
+    return max(3, config.deletion_cells // 8)
 
 
 def _save_cells(adata: AnnData, path: Path) -> None:
@@ -348,7 +356,7 @@ def _write_report(
         f"{screen['n_start_cells']:,} of the {screen['n_start_cells_total']:,} `{config.start}` "
         f"cells were perturbed (drawn at random), each gene of each cell deleted in turn: "
         f"{screen['n_perturbations']:,} deletions. {n_tested:,} genes were deleted in at least "
-        f"{config.min_cells} cells and are ranked; the "
+        f"{screen['min_cells']} cells and are ranked; the "
         f"{len(table) - n_tested:,} seen in fewer cells are listed last in `ranked_genes.csv` "
         "(`tested` False).",
         "",

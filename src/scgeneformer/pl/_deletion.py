@@ -109,7 +109,9 @@ def deletion_ranking(
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
         cells.spines[side].set_visible(False)
-    ax.figure.colorbar(scale, ax=[ax, cells], label="-log10 FDR", pad=0.02, fraction=0.04)
+    # Past the cell-count labels (about an inch at their font size).
+    pad = 1.0 / ax.figure.get_size_inches()[0]
+    ax.figure.colorbar(scale, ax=[ax, cells], label="-log10 FDR", pad=pad, fraction=0.04)
     return finish(ax, show, save)
 
 

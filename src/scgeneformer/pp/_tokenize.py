@@ -23,6 +23,7 @@ from ._gene_plan import GenePlan, plan_genes
 from ._rank_kernel import (
     BAD_NEGATIVE,
     BAD_NONFINITE,
+    announce_first_use,
     fill_padded,
     rank_rows,
     scan_rows,
@@ -94,6 +95,7 @@ def rank_chunk(
     Returns the ranked tokens and, for error reporting, the per-row bad-value code and value.
     ``totals`` overrides the cell totals (default: the sum over all genes of each cell).
     """
+    announce_first_use()
     row_sums, bad_code, bad_value, counts = scan_rows(
         chunk.indptr,
         chunk.indices,

@@ -25,6 +25,7 @@ from .._settings import settings
 from ..model import Geneformer, GeneformerClassifier
 from ..train._distributed import setup_distributed
 from ..train._optim import autocast, resolve_device_dtype
+from ._cost import warn_if_slow_on_cpu
 from ._inference import check_pooling, encode_cells, hidden_layer_index, inference_on
 from ._model_arg import encoder_of, warn_if_not_finetuned_on
 from ._perturb_stats import gene_statistics
@@ -265,6 +266,22 @@ def _screen(
     if max_cells is not None and len(start) > max_cells:
         rng = np.random.default_rng(random_state)
         start = np.sort(rng.choice(start, size=int(max_cells), replace=False))
+    lead = 1 if model.vocab.has_cls else 0
+    genes_per_cell = n_tokens[start] - 2 * lead
+    if listed is None:
+        variants = genes_per_cell
+    elif mode == "delete":
+        variants = np.minimum(genes_per_cell, len(listed))
+    else:  # every listed gene is moved to the front or inserted
+        variants = np.full(len(start), len(listed))
+    params_cost = warn_if_slow_on_cpu(
+        model,
+        n_tokens[start],
+        np.ones(len(start)) if combine else variants,
+        layer_index,
+        device_type=device_.type,
+        mode="deletion" if mode == "delete" else "overexpression",
+    )
     skipped = int(((n_tokens == 0) & _in_state(target, state_key, start_state)).sum())
     if skipped:
         warnings.warn(
@@ -311,6 +328,7 @@ def _screen(
         "model_preset": model.preset or "custom",
         "vocabulary_sha256": model.vocab.sha256,
         "random_state": int(random_state),
+        "estimated_cpu_seconds": round(params_cost, 1),
     }
     if combine:
         _combined(
@@ -493,6 +511,18 @@ _SHARED_PARAMETERS = """
     from the empirical null of all *other* genes' z-scores (median and MAD), with
     Benjamini-Hochberg FDR. A small FDR therefore says that a gene stands out from the rest
     of this screen, in this model; it is a ranking to follow up, not proof of causation.
+
+    Screen with a model fine-tuned on ``state_key`` (the classifier from
+    :func:`~scgeneformer.tl.finetune`): a pretrained-only model need not embed the states
+    apart, and on Kang 2018 it ranks the interferon genes last.
+
+    **Cost.** Each variant is one forward pass of the cell's length, so a cell of L genes
+    costs L passes of length L. Measured on a 2-core CPU in float32
+    (``bench/bench_in_silico.py``): V1-10M at 128 tokens, 239 variants/s. Scaled from that
+    rate by operation count: V1-10M at 2,048 tokens about 6 variants/s (a full cell about 6
+    minutes); V2-104M at 4,096 tokens about 0.15 variants/s. GPU rates are not measured yet.
+    Before a CPU screen estimated at more than five minutes, a warning gives the estimate;
+    ``uns[key_added]["estimated_cpu_seconds"]`` records it.
 """
 
 
