@@ -47,7 +47,7 @@ def test_round_trip_through_our_reader_equals_the_tokens(tmp_path):
 
     with pytest.raises(FileExistsError, match="exists"):
         write_arrow_dataset(adata, folder)
-    with pytest.raises(KeyError, match="not in adata.obs"):
+    with pytest.raises(KeyError, match=r"not in adata\.obs"):
         write_arrow_dataset(adata, tmp_path / "other", obs_keys=["nope"])
     assert not (tmp_path / "other").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.dataset"]  # no scratch left

@@ -71,7 +71,7 @@ def test_model_and_dictionaries_from_an_offline_hub_cache(tmp_path, monkeypatch)
 
     with pytest.raises(OSError, match=r"someone/Other.*hub or its cache"):
         sgf.Geneformer.from_pretrained("someone/Other", vocab, subfolder="x", **options)
-    with pytest.raises(OSError, match="no_such.pkl"):
+    with pytest.raises(OSError, match=r"no_such\.pkl"):
         sgf.Vocabulary.from_geneformer(
             "no_such.pkl", names[1], repo_id=REPO, subfolder="geneformer", **options
         )
@@ -80,7 +80,7 @@ def test_model_and_dictionaries_from_an_offline_hub_cache(tmp_path, monkeypatch)
 
 
 def test_local_paths_never_go_to_the_hub(tmp_path, monkeypatch):
-    _, vocab, model = hub_cache(tmp_path)
+    _, vocab, _ = hub_cache(tmp_path)
 
     def no_hub():
         raise AssertionError("the hub was asked")

@@ -50,7 +50,7 @@ def _hub():
 
 
 def hub_folder(repo_id: str, subfolder: str | None, options: HubOptions) -> Path:
-    """The local folder of ``repo_id`` (its ``subfolder``), downloaded into the cache if asked.
+    """Return the local folder of ``repo_id`` (its ``subfolder``), fetched into the cache.
 
     Only that subfolder's files are fetched (an official repository holds several models).
     """
@@ -78,7 +78,7 @@ def hub_folder(repo_id: str, subfolder: str | None, options: HubOptions) -> Path
 
 
 def hub_file(repo_id: str, filename: str, subfolder: str | None, options: HubOptions) -> Path:
-    """The local path of one file of ``repo_id``, downloaded into the cache if asked."""
+    """Return the local path of one file of ``repo_id``, fetched into the cache."""
     hub = _hub()
     try:
         return Path(

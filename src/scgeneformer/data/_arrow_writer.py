@@ -74,7 +74,7 @@ def write_arrow_dataset(
     """
     try:
         import pyarrow as pa
-        import pyarrow.ipc  # noqa: F401
+        import pyarrow.ipc
     except ModuleNotFoundError as err:  # pragma: no cover - depends on the installation
         raise ModuleNotFoundError(
             "Writing arrow data sets needs pyarrow: pip install 'scgeneformer[arrow]'."
