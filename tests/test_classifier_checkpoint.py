@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import scgeneformer as sgf
 from scgeneformer.model._classifier import GeneformerClassifier
-from scgeneformer.tl._finetune import _batch_logits, predict
+from scgeneformer.tl import predict
+from scgeneformer.train._finetune_loop import classifier_logits
 
 from .conftest import small_vocab
 from .test_model import TINY
@@ -86,7 +87,7 @@ def test_saved_sequence_classifier_loads_in_transformers(tmp_path, vocab):
     with torch.no_grad():
         for p in clf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    clf.history = {"epoch": [1], "step": [4], "loss": [0.5]}
+    clf.history = {"train": [{"epoch": 1, "step": 4, "loss": 0.5}], "eval": []}
     folder = clf.eval().save(tmp_path / "ours")
 
     config = json.loads((folder / "config.json").read_text())
@@ -193,8 +194,8 @@ def test_packed_batches_give_the_padded_logits(task):
     n_tokens = adata.obs["geneformer_n_tokens"].to_numpy()
     rows = np.array([5, 0, 11, 3])
     with torch.no_grad():
-        packed, packed_ids = _batch_logits(clf, tokens, n_tokens, rows, packed=True)
-        padded, padded_ids = _batch_logits(clf, tokens, n_tokens, rows, packed=False)
+        packed, packed_ids = classifier_logits(clf, tokens, n_tokens, rows, packed=True)
+        padded, padded_ids = classifier_logits(clf, tokens, n_tokens, rows, packed=False)
     assert packed.shape == padded.shape == ((4, 3) if task == "cell" else (n_tokens[rows].sum(), 3))
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
     torch.testing.assert_close(packed_ids, padded_ids, rtol=0, atol=0)

@@ -72,24 +72,24 @@ def test_embeddings_equal_hand_computation_in_any_order(tmp_path, cls, layer):
     folder = model.save(tmp_path / "model")
     adata = counts_adata(vocab)
     shuffled = adata[np.random.default_rng(1).permutation(adata.n_obs)].copy()
-    sgf.tl.embed(shuffled, model, layer=layer, batch_tokens=200)
+    sgf.tl.embed(shuffled, model, emb_layer=layer, token_budget=200)
     tokens = shuffled.obsm["geneformer_tokens"]
     n_tokens = shuffled.obs["geneformer_n_tokens"].to_numpy()
     expected = hand_embeddings(folder, tokens, n_tokens, model.num_layers + layer, vocab)
     np.testing.assert_allclose(shuffled.obsm["X_geneformer"], expected, rtol=1e-4, atol=1e-5)
     # The same cells embedded in their original order give the same rows.
-    sgf.tl.embed(adata, model, layer=layer)
+    sgf.tl.embed(adata, model, emb_layer=layer)
     np.testing.assert_allclose(
         adata[shuffled.obs_names].obsm["X_geneformer"], shuffled.obsm["X_geneformer"], atol=1e-5
     )
-    assert shuffled.uns["X_geneformer"]["layer"] == layer
+    assert shuffled.uns["X_geneformer"]["emb_layer"] == layer
 
 
 def test_cls_pooling_takes_the_first_token(tmp_path):
     vocab = small_vocab(30, cls=True, max_length=64)
     model = tiny_model(vocab)
     adata = counts_adata(vocab, n_cells=10)
-    sgf.tl.embed(adata, model, pooling="cls", layer=0)
+    sgf.tl.embed(adata, model, pooling="cls", emb_layer=0)
     ids = torch.as_tensor(adata.obsm["geneformer_tokens"].astype(np.int64))
     with torch.no_grad():
         h = model.eval().hidden_states(ids, ids != 0, layer=-1)[:, 0].numpy()
@@ -102,7 +102,7 @@ def test_packed_path_equals_padded_path():
     adata = counts_adata(vocab, n_cells=25)
     sgf.pp.rank_tokenize(adata, vocab)
     tokens, n = adata.obsm["geneformer_tokens"], adata.obs["geneformer_n_tokens"].to_numpy()
-    args = dict(layer=-1, pooling="mean", device=torch.device("cpu"), dtype=torch.float32)
+    args = dict(emb_layer=-1, pooling="mean", device=torch.device("cpu"), dtype=torch.float32)
     padded = encode_cells(model, tokens, n, packed=False, genes=True, **args)
     packed = encode_cells(model, tokens, n, packed=True, genes=True, token_budget=150, **args)
     np.testing.assert_allclose(packed.cells, padded.cells, atol=1e-5)
@@ -115,7 +115,7 @@ def test_gene_embeddings_average_over_cells():
     model = tiny_model(vocab)
     adata = counts_adata(vocab, n_cells=20)
     adata.var_names = [*adata.var_names[:-1], "NOT_IN_VOCAB"]
-    sgf.tl.embed(adata, model, genes=True, layer=0)
+    sgf.tl.embed(adata, model, genes=True, emb_layer=0)
     gene = adata.var_names[3]
     token = adata.var.loc[gene, "geneformer_token"]
     tokens = adata.obsm["geneformer_tokens"]
@@ -169,10 +169,10 @@ def test_bad_input_is_refused_and_adata_unchanged():
     model = tiny_model(vocab)
     with pytest.raises(ValueError, match="other"):
         sgf.tl.embed(adata, model)
-    with pytest.raises(ValueError, match=r"layer=-4 is out of range.*3 layers"):
-        sgf.tl.embed(adata, model, layer=-4)
-    with pytest.raises(ValueError, match=r"layer=1 is out of range"):
-        sgf.tl.embed(adata, model, layer=1)
+    with pytest.raises(ValueError, match=r"emb_layer=-4 is out of range.*3 layers"):
+        sgf.tl.embed(adata, model, emb_layer=-4)
+    with pytest.raises(ValueError, match=r"emb_layer=1 is out of range"):
+        sgf.tl.embed(adata, model, emb_layer=1)
     with pytest.raises(ValueError, match="pooling='cls' needs a <cls> token"):
         sgf.tl.embed(adata, model, pooling="cls")
     with pytest.raises(ValueError, match="pooling must be one of"):
@@ -213,3 +213,19 @@ def test_pbmc3k_brief_pretraining_beats_random_weights(pbmc3k, tmp_path):
     sgf.tl.embed(adata, trained)
     trained_accuracy = knn_accuracy(adata.obsm["X_geneformer"], adata.obs["cell_type"])
     assert trained_accuracy > random_accuracy + 0.06, (random_accuracy, trained_accuracy)
+
+
+def test_old_keywords_layer_and_batch_tokens_still_work_with_a_warning():
+    vocab = small_vocab(30, cls=False, max_length=64)
+    adata = counts_adata(vocab, n_cells=8)
+    model = tiny_model(vocab)
+    sgf.tl.embed(adata, model, emb_layer=0, token_budget=64, key_added="new")
+    with pytest.warns(FutureWarning, match=r"embed\(layer=\.\.\.\) is renamed embed\(emb_layer"):
+        sgf.tl.embed(adata, model, layer=0, key_added="old")
+    with pytest.warns(FutureWarning, match=r"batch_tokens=\.\.\.\) is renamed"):
+        sgf.tl.embed(adata, model, emb_layer=0, batch_tokens=64, key_added="old_budget")
+    np.testing.assert_array_equal(adata.obsm["old"], adata.obsm["new"])
+    np.testing.assert_array_equal(adata.obsm["old_budget"], adata.obsm["new"])
+    assert adata.uns["old"]["emb_layer"] == 0
+    with pytest.raises(TypeError, match="got both emb_layer= and its old name layer="):
+        sgf.tl.embed(adata, model, layer=0, emb_layer=-1)

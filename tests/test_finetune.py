@@ -17,8 +17,11 @@ from hypothesis import strategies as st
 import scgeneformer as sgf
 from scgeneformer.model._classifier import GeneformerClassifier
 from scgeneformer.pl._classification import confusion_matrix
-from scgeneformer.tl._finetune import _cell_proba, _fit, finetune, predict
+from scgeneformer.tl import finetune, predict
+from scgeneformer.tl._predict import cell_proba
 from scgeneformer.tl._splits import split_cells
+from scgeneformer.train._finetune_loop import FitOptions, fit_classifier
+from scgeneformer.train._history import as_history
 
 matplotlib.use("Agg")
 
@@ -30,7 +33,7 @@ TINY = dict(
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
 )
-FAST = dict(epochs=2, lr=1e-3, batch_tokens=1024)
+FAST = dict(epochs=2, lr=1e-3, token_budget=1024)
 
 
 def tiny_model(vocab: sgf.Vocabulary, seed: int = 0, **overrides) -> sgf.Geneformer:
@@ -78,7 +81,7 @@ def pbmc(pbmc3k):
 def test_pbmc3k_cell_types_are_learned_beside_the_pca_baseline(pbmc):
     adata, model = pbmc
     adata = adata.copy()
-    clf = finetune(adata, model, label_key="cell_type", epochs=10, lr=1e-3, batch_tokens=4096)
+    clf = finetune(adata, model, label_key="cell_type", epochs=10, lr=1e-3, token_budget=4096)
     result = adata.uns["cell_type_finetune"]
     print(
         f"PBMC 3k held-out macro-F1 {result['macro_f1']:.3f} (accuracy {result['accuracy']:.3f});"
@@ -92,7 +95,7 @@ def test_pbmc3k_cell_types_are_learned_beside_the_pca_baseline(pbmc):
     # The same split with an untrained head stays far below the floor.
     test = np.flatnonzero(adata.obs["cell_type_split"] == "test")
     untrained = GeneformerClassifier.from_encoder(model, clf.classes, random_state=0)
-    proba = _cell_proba(
+    proba = cell_proba(
         untrained,
         adata.obsm["geneformer_tokens"][test],
         adata.obs["geneformer_n_tokens"].to_numpy()[test],
@@ -128,9 +131,10 @@ def test_predictions_and_metrics_land_in_the_documented_slots(fitted, tmp_path):
     assert counts.sum() == test.sum() and list(result["confusion_matrix"]["labels"]) == clf.classes
     assert result["accuracy"] == pytest.approx(np.trace(counts) / counts.sum())
     assert 0 <= result["baseline"]["macro_f1"] <= 1
-    history = result["history"]
-    assert set(history) == {"epoch", "step", "loss", "val_loss", "val_macro_f1"}
-    assert history["epoch"] == [1, 2] and len(set(map(len, history.values()))) == 1
+    history = as_history(result["history"])
+    assert [set(r) for r in history["train"]] == [{"epoch", "step", "loss"}] * 2
+    assert [set(r) for r in history["eval"]] == [{"epoch", "step", "loss", "macro_f1"}] * 2
+    assert [r["epoch"] for r in history["train"]] == [r["epoch"] for r in history["eval"]] == [1, 2]
     assert clf.history == history and clf.training_args["test_macro_f1"] == result["macro_f1"]
 
     adata.write_h5ad(tmp_path / "out.h5ad")  # every slot is storable
@@ -171,7 +175,7 @@ def test_freeze_layers_freezes_the_first_layers_only(states):
     assert not torch.equal(
         clf.encoder.bert.embeddings.LayerNorm.weight, model.bert.embeddings.LayerNorm.weight
     )
-    assert "val_loss" not in clf.history and clf.history["epoch"] == [1, 2]
+    assert clf.history["eval"] == [] and [r["epoch"] for r in clf.history["train"]] == [1, 2]
 
 
 def test_early_stopping_keeps_the_best_validation_epoch(states):
@@ -188,25 +192,34 @@ def test_early_stopping_keeps_the_best_validation_epoch(states):
         seen.append({k: v.clone() for k, v in clf.state_dict().items()})
         return 1.0, next(scores)
 
-    history = _fit(
+    options = FitOptions(
+        freeze_layers=0,
+        epochs=5,
+        lr=1e-3,
+        weight_decay=0.0,
+        train_budget=1024,
+        eval_budget=1024,
+        class_weight=None,
+        random_state=0,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    history = fit_classifier(
         clf,
         tokens,
         n_tokens,
         np.arange(adata.n_obs),
         lambda batch, logits, _ids: torch.nn.functional.cross_entropy(logits, targets[batch]),
-        epochs=5,
-        lr=1e-3,
-        weight_decay=0.0,
-        budget=1024,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
+        options,
         rng=np.random.default_rng(0),
         evaluate=evaluate,
         patience=2,
         desc="test",
     )
-    assert history["epoch"] == [1, 2, 3, 4] and history["val_macro_f1"] == [0.5, 0.7, 0.6, 0.65]
-    assert history["step"] == sorted(history["step"]) and history["step"][0] > 0
+    assert [r["epoch"] for r in history["train"]] == [1, 2, 3, 4]
+    assert [r["macro_f1"] for r in history["eval"]] == [0.5, 0.7, 0.6, 0.65]
+    steps = [r["step"] for r in history["train"]]
+    assert steps == sorted(steps) and steps[0] > 0
     for key, value in clf.state_dict().items():
         torch.testing.assert_close(value, seen[1][key], rtol=0, atol=0)  # epoch 2's weights
 

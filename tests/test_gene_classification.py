@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 import scgeneformer as sgf
-from scgeneformer.tl._finetune import finetune, predict
+from scgeneformer.tl import finetune, predict
+from scgeneformer.train._history import as_history
 
 from .test_finetune import tiny_model
 
-FAST = dict(epochs=6, lr=1e-3, batch_tokens=1024, n_folds=3)
+FAST = dict(epochs=6, lr=1e-3, token_budget=1024, n_folds=3)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +74,13 @@ def test_co_expressed_gene_modules_are_told_apart_out_of_fold(fitted, tmp_path):
     assert len(baseline["folds"]["auroc"]) == 3
 
     assert clf.task == "gene" and clf.classes == ["A", "B"]
-    history = result["history"]
-    assert sorted(set(history["fold"])) == [-1, 0, 1, 2]
-    assert set(history) == {"fold", "epoch", "step", "loss"}
-    assert clf.history["epoch"] == [1, 2, 3, 4, 5, 6]
+    history = as_history(result["history"])
+    assert sorted({r["fold"] for r in history["train"]}) == [-1, 0, 1, 2]
+    assert {frozenset(r) for r in history["train"]} == {
+        frozenset({"fold", "epoch", "step", "loss"})
+    }
+    assert history["eval"] == []
+    assert [r["epoch"] for r in clf.history["train"]] == [1, 2, 3, 4, 5, 6]
     adata.write_h5ad(tmp_path / "genes.h5ad")
     assert ad.read_h5ad(tmp_path / "genes.h5ad").uns["module_finetune"]["auroc"] == result["auroc"]
 

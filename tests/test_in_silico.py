@@ -260,7 +260,7 @@ def fine_tuned_deletion(adata, state_key, start, goal, *, epochs, max_cells):
         label_key=state_key,
         epochs=epochs,
         lr=1e-3,
-        batch_tokens=8192,
+        token_budget=8192,
         baseline=False,
         early_stopping_patience=None,
     )
@@ -271,7 +271,7 @@ def fine_tuned_deletion(adata, state_key, start, goal, *, epochs, max_cells):
         start_state=start,
         goal_state=goal,
         max_cells=max_cells,
-        layer=0,
+        emb_layer=0,
     )
 
 

@@ -18,9 +18,10 @@ from scgeneformer.data._sources import PaddedTokens
 from scgeneformer.data._store import build_token_store
 from scgeneformer.pl._training import loss_curve
 from scgeneformer.pretrain_cli import main as pretrain_main
-from scgeneformer.tl import _checkpointing
-from scgeneformer.tl._pretrain import _prepare, _Trainer, pretrain
+from scgeneformer.tl import pretrain
+from scgeneformer.train import _checkpoints
 from scgeneformer.train._checkpoints import list_checkpoints
+from scgeneformer.train._pretrain_loop import PretrainRun, _prepare
 
 from .test_token_store import random_cells, write_arrow_dataset
 
@@ -192,14 +193,14 @@ def test_stop_and_resume_equals_an_uninterrupted_run(
     small_corpus, uninterrupted, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
-    original = _Trainer._step
+    original = PretrainRun._step
 
     def crash_at_step_7(self, *args):
         if self.step == 6:
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(_Trainer, "_step", crash_at_step_7)
+    monkeypatch.setattr(PretrainRun, "_step", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         run(small_corpus, out)
     monkeypatch.undo()
@@ -222,15 +223,15 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
     small_corpus, uninterrupted, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
-    original = _checkpointing._write_trainer_state
+    original = _checkpoints._write_trainer_state
 
     def fail_at_step_8(folder, trainer_state, info):
         if info["step"] == 8:
-            (folder / _checkpointing.STATE_PT).write_bytes(b"half a file")
+            (folder / _checkpoints.STATE_PT).write_bytes(b"half a file")
             raise OSError("No space left on device")
         original(folder, trainer_state, info)
 
-    monkeypatch.setattr(_checkpointing, "_write_trainer_state", fail_at_step_8)
+    monkeypatch.setattr(_checkpoints, "_write_trainer_state", fail_at_step_8)
     with pytest.raises(OSError, match="No space left"):
         run(small_corpus, out)
     monkeypatch.undo()

@@ -254,8 +254,8 @@ def test_official_dictionaries_and_checkpoint_folder(pbmc3k, tmp_path):
     # Geneformer's emb_layer is layer=: hidden_states[num_layers + layer], mean over genes.
     subset = pbmc_v1[:6].copy()
     sgf.tl.embed(subset, model)
-    sgf.tl.embed(subset, model, layer=0, key_added="X_geneformer_last")
-    assert subset.uns["X_geneformer"]["layer"] == -1
+    sgf.tl.embed(subset, model, emb_layer=0, key_added="X_geneformer_last")
+    assert subset.uns["X_geneformer"]["emb_layer"] == -1
     ids = torch.as_tensor(subset.obsm["geneformer_tokens"][:3].astype(np.int64))
     genes = (ids != 0).unsqueeze(-1)
     with torch.no_grad():
@@ -414,7 +414,7 @@ def test_classifier_chain_split_by_donor_saved_and_genes(tmp_path):
         group_key="donor",
         epochs=2,
         lr=1e-3,
-        batch_tokens=1024,
+        token_budget=1024,
         random_state=0,
     )
     result = adata.uns["state_finetune"]
@@ -455,7 +455,7 @@ def test_classifier_chain_split_by_donor_saved_and_genes(tmp_path):
         gene_labels=labels,
         epochs=1,
         lr=1e-3,
-        batch_tokens=1024,
+        token_budget=1024,
         n_folds=5,
         random_state=0,
     )

@@ -196,7 +196,7 @@ def run_demo(config: DemoConfig) -> dict:
         group_key=group_key,
         epochs=config.finetune_epochs,
         lr=1e-3,
-        batch_tokens=8192,
+        token_budget=8192,
         random_state=config.seed,
     )
     classifier.save(out / "classifier")
@@ -213,7 +213,7 @@ def run_demo(config: DemoConfig) -> dict:
         start_state=config.start,
         goal_state=config.goal,
         max_cells=config.deletion_cells,
-        layer=0,
+        emb_layer=0,
         min_cells=_min_cells(config),
         random_state=config.seed,
     )

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
+from ._atomic import write_text_atomic
 from ._genes import normalize_gene_id, resolve_gene_ids
 from ._safe_pickle import load_plain_dict
 
@@ -30,10 +31,6 @@ def _as_dict(source: PathOrDict, what: str) -> dict[str, Any]:
     if isinstance(source, Mapping):
         return dict(source)
     return load_plain_dict(source, what=what)
-
-
-def _source_name(source: PathOrDict) -> str | None:
-    return None if isinstance(source, Mapping) else Path(source).name
 
 
 class Vocabulary:
@@ -329,14 +326,7 @@ class Vocabulary:
             **self._identity_payload(),
             "mapping": self._mapping,
         }
-        text = json.dumps(payload)
-        tmp = path.with_name(path.name + ".tmp")
-        if path.suffix == ".gz":
-            with gzip.open(tmp, "wt", encoding="utf-8") as fh:
-                fh.write(text)
-        else:
-            tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(payload))
         return path
 
     @classmethod

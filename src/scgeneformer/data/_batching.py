@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -151,3 +152,64 @@ def pack_tokens(
     cu_seqlens[1:] = torch.cumsum(lengths_t, 0)
     max_seqlen = int(lengths_t.max()) if lengths_t.numel() else 0
     return tokens[keep].long(), cu_seqlens, max_seqlen
+
+
+def packs_cells(device: torch.device) -> bool:
+    """Whether batches for ``device`` are packed without padding (True on CUDA) or padded."""
+    return device.type == "cuda"
+
+
+@dataclass(frozen=True)
+class CellBatch:
+    """The token rows of one batch on the device, packed end to end or right-padded.
+
+    Packed: ``ids`` is ``(tokens,)`` with int32 offsets ``cu_seqlens`` and ``mask`` is None.
+    Padded: ``ids`` is ``(cells, width)`` with ``mask`` marking real tokens.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    max_seqlen: int
+
+    @property
+    def packed(self) -> bool:
+        """Whether the cells are packed without padding."""
+        return self.cu_seqlens is not None
+
+    @property
+    def real_ids(self) -> torch.Tensor:
+        """The real tokens' ids, flattened in cell order."""
+        return self.ids if self.packed else self.ids[self.mask]
+
+    def inputs(self) -> dict[str, Any]:
+        """Keyword arguments for the model's ``forward`` (padded or packed layout)."""
+        if self.packed:
+            return {
+                "input_ids": self.ids,
+                "cu_seqlens": self.cu_seqlens,
+                "max_seqlen": self.max_seqlen,
+            }
+        return {"input_ids": self.ids, "attention_mask": self.mask}
+
+
+def cell_batch(
+    tokens: np.ndarray, lengths: np.ndarray, *, packed: bool, device: torch.device
+) -> CellBatch:
+    """Move token rows of one batch to ``device``, packed or padded to the longest row.
+
+    Examples
+    --------
+    >>> batch = cell_batch(np.array([[5, 6, 0], [7, 8, 9]]), np.array([2, 3]),
+    ...                    packed=False, device=torch.device("cpu"))
+    >>> batch.ids.shape, batch.real_ids.tolist()
+    (torch.Size([2, 3]), [5, 6, 7, 8, 9])
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if packed:
+        flat, cu, longest = pack_tokens(np.asarray(tokens).astype(np.int64), lengths)
+        return CellBatch(flat.to(device), None, cu.to(device), longest)
+    width = int(lengths.max(initial=0))
+    ids = torch.as_tensor(np.asarray(tokens)[:, :width].astype(np.int64), device=device)
+    mask = torch.arange(width, device=device) < torch.as_tensor(lengths, device=device)[:, None]
+    return CellBatch(ids, mask, None, width)

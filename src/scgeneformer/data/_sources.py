@@ -194,7 +194,8 @@ def open_corpus(
     Parameters
     ----------
     data
-        An AnnData (its token slots, made now with the model's vocabulary if absent); or paths:
+        An AnnData's tokens (:class:`PaddedTokens`, which :func:`scgeneformer.tl.pretrain`
+        reads from its slots); or paths:
         h5ad files (tokenized into a store at ``store_folder``, by rank 0, reused when it
         already holds exactly these files), token-store folders and arrow data set folders.
     model
@@ -220,13 +221,8 @@ def open_corpus(
     >>> source.padded(np.arange(2)).shape  # doctest: +SKIP
     (2, 2048)
     """
-    from ..tl._tokens import cell_tokens
-
-    if isinstance(data, AnnData):
-        if data.n_obs == 0:
-            raise ValueError("The corpus is empty: the AnnData has no cells.")
-        tokens, n_tokens = cell_tokens(data, model)
-        return PaddedTokens(tokens, n_tokens, "an AnnData")
+    if isinstance(data, PaddedTokens):
+        return data
 
     items = [data] if isinstance(data, str | os.PathLike) else list(data)
     if not all(isinstance(p, str | os.PathLike) for p in items):

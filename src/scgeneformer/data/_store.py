@@ -21,10 +21,8 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,21 +31,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from tqdm.auto import tqdm
 
+from .._atomic import atomic_folder
 from .._genes import gene_names
+from .._progress import progress_bar
 from .._settings import settings
 from .._version import __version__
-from ..pp._chunks import count_source, iter_csr_chunks
+from ..pp._chunks import count_source
 from ..pp._gene_plan import plan_genes
 from ..pp._medians import open_corpus_item
-from ..pp._tokenize import (
-    RankedChunk,
-    _raise_bad_counts,
-    numba_threads,
-    rank_chunk,
-    token_dtype,
-)
+from ..pp._ranked_chunks import RankedChunk, iter_ranked_chunks, numba_threads, token_dtype
 from ..vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -79,7 +72,7 @@ class FlatTokens:
 
     Examples
     --------
-    >>> src = FlatTokens([(np.array([5, 6, 7, 8, 9]), np.array([0, 2, 5]))])
+    >>> src = FlatTokens([(np.array([5, 6, 7, 8, 9]), np.array([0, 2, 5]))], "two cells")
     >>> src.padded(np.array([1, 0])).tolist()
     [[7, 8, 9], [5, 6, 0]]
     """
@@ -319,6 +312,14 @@ def flat_with_specials(ranked: RankedChunk, vocab: Vocabulary) -> tuple[np.ndarr
     return flat, n_tokens
 
 
+def _labelled_errors(chunks: Iterator[Any], label: str) -> Iterator[Any]:
+    """Pass ``chunks`` through; a bad-counts error gains the corpus item's name."""
+    try:
+        yield from chunks
+    except ValueError as err:
+        raise ValueError(f"{label}: {err}") from None
+
+
 def _tokenize_item(job: _ShardJob) -> dict[str, Any]:
     """Tokenize one corpus item into a shard folder; returns its manifest entry.
 
@@ -341,13 +342,10 @@ def _tokenize_item(job: _ShardJob) -> dict[str, Any]:
         plan = plan_genes(gene_names(adata, job.gene_key), job.vocab, gene_key=job.gene_key)
         lengths = []
         with numba_threads(job.n_threads), open(folder / TOKENS_NAME, "wb") as fh:
-            for start, chunk in iter_csr_chunks(source, job.chunk_size):
-                ranked, bad_code, bad_value = rank_chunk(chunk, plan, max_genes, dtype)
-                if bad_code.any():
-                    try:
-                        _raise_bad_counts(source, bad_code, bad_value, adata.obs_names, start)
-                    except ValueError as err:
-                        raise ValueError(f"{label}: {err}") from None
+            ranked_chunks = iter_ranked_chunks(
+                source, plan, max_genes, dtype, adata.obs_names, chunk_size=job.chunk_size
+            )
+            for _, _, ranked in _labelled_errors(ranked_chunks, label):
                 flat, n_tokens = flat_with_specials(ranked, job.vocab)
                 flat.tofile(fh)
                 lengths.append(n_tokens)
@@ -502,9 +500,7 @@ def build_token_store(
         total_bytes = sum(f.stat().st_size for f in files)
         n_workers = max(1, min(n_workers, -(-total_bytes // _BYTES_PER_WORKER)))
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         jobs = [
             _ShardJob(
                 item=item,
@@ -542,9 +538,6 @@ def build_token_store(
             "shards": shards,
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        _swap_into_place(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Token store %s: %d cells in %d shards", folder, manifest["n_cells"], len(shards))
     return TokenStore(folder)
 
@@ -553,7 +546,7 @@ def _run_jobs(jobs: list[_ShardJob], n_workers: int) -> list[dict[str, Any]]:
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     in_process = [i for i, job in enumerate(jobs) if isinstance(job.item, AnnData)]
     pooled = [i for i in range(len(jobs)) if i not in set(in_process)]
-    bar = tqdm(total=len(jobs), desc="token store", unit="files", disable=not settings.progress)
+    bar = progress_bar(total=len(jobs), desc="token store", unit="files")
     with bar:
         for i in in_process:
             results[i] = _tokenize_item(jobs[i])
@@ -571,17 +564,6 @@ def _run_jobs(jobs: list[_ShardJob], n_workers: int) -> list[dict[str, Any]]:
                     results[futures[future]] = future.result()
                     bar.update(1)
     return [r for r in results if r is not None]
-
-
-def _swap_into_place(tmp: Path, folder: Path) -> None:
-    """Rename a finished store into place; an old store is moved aside, then removed."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        folder.rename(old)
-    tmp.rename(folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["FlatTokens", "TokenStore", "build_token_store", "flat_with_specials"]

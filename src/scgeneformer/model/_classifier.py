@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..train._history import as_history, empty_history
 from ..vocab import Vocabulary
 from . import _hf_folder as ckpt
 from ._encoder import init_weights
@@ -86,7 +87,8 @@ class GeneformerClassifier(nn.Module):
     classifier
         The linear layer ``hidden -> n_classes``.
     history
-        Per-epoch training history (see :func:`scgeneformer.tl.finetune`), empty if unknown.
+        Training history, ``{"train": [...], "eval": [...]}`` records (see
+        :mod:`scgeneformer.train._history`); empty lists if unknown.
     training_args
         JSON-serialisable dict saved with the classifier.
 
@@ -128,7 +130,7 @@ class GeneformerClassifier(nn.Module):
             encoder.config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
         )
         self.classifier = nn.Linear(hidden, len(classes))
-        self.history: dict[str, list[Any]] = {}
+        self.history: dict[str, list[dict[str, Any]]] = empty_history()
         self.training_args: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction
@@ -208,7 +210,8 @@ class GeneformerClassifier(nn.Module):
         --------
         >>> clf = GeneformerClassifier.from_pretrained("my_classifier")  # doctest: +SKIP
         """
-        encoder = Geneformer.from_pretrained(folder, vocab)  # checks config, vocabulary, encoder
+        # Checks config, vocabulary and encoder; the heads are read from the same raw weights.
+        encoder, raw, weights_path = Geneformer._load_folder(folder, vocab)
         folder = Path(folder)
         config = ckpt.read_json(folder / ckpt.CONFIG_NAME, "Model config")
         architectures = list(config.get("architectures") or [])
@@ -235,10 +238,8 @@ class GeneformerClassifier(nn.Module):
             classifier_dropout=config.get("classifier_dropout"),
             label_key=metadata.get("label_key"),
         )
-        # The encoder loader skips the heads; read them from the same file.
-        raw, weights_path = ckpt.read_weights(folder)
         clf._load_heads(raw, str(weights_path))
-        clf.history = dict(metadata.get("history") or {})
+        clf.history = as_history(metadata.get("history") or {})
         clf.training_args = dict(metadata.get("training_args") or {})
         return clf.float().eval()
 
@@ -340,6 +341,7 @@ class GeneformerClassifier(nn.Module):
         *,
         cu_seqlens: TensorLike | None = None,
         max_seqlen: int | None = None,
+        validate: bool = True,
     ) -> torch.Tensor:
         """Class logits of padded or packed cells.
 
@@ -352,6 +354,9 @@ class GeneformerClassifier(nn.Module):
             Padded layout only: True/1 for real tokens (default: every non-``<pad>``).
         cu_seqlens, max_seqlen
             Packed layout: offsets of the cells and the longest length.
+        validate
+            Check the token ids against the vocabulary (a device sync); training loops whose
+            tokens were checked once up front pass False.
 
         Returns
         -------
@@ -364,12 +369,14 @@ class GeneformerClassifier(nn.Module):
         torch.Size([1, 2])
         """
         if cu_seqlens is None:
-            hidden = self.encoder.hidden_states(input_ids, attention_mask)
+            hidden = self.encoder.hidden_states(input_ids, attention_mask, validate=validate)
             first = hidden[:, 0]
         else:
             if max_seqlen is None:
                 raise ValueError("Packed input (cu_seqlens) needs max_seqlen.")
-            hidden = self.encoder.hidden_states_packed(input_ids, cu_seqlens, max_seqlen)
+            hidden = self.encoder.hidden_states_packed(
+                input_ids, cu_seqlens, max_seqlen, validate=validate
+            )
             first = hidden[torch.as_tensor(cu_seqlens, device=hidden.device)[:-1].long()]
         if self.pooler is None:
             return self.classifier(self.dropout(hidden))

@@ -211,6 +211,17 @@ class Geneformer(nn.Module):
             folder = hub_folder(str(folder), subfolder, options)
         elif subfolder is not None:
             folder = Path(folder) / subfolder
+        return cls._load_folder(folder, vocab)[0]
+
+    @classmethod
+    def _load_folder(
+        cls, folder: str | os.PathLike, vocab: Vocabulary | None
+    ) -> tuple[Geneformer, dict[str, torch.Tensor], Path]:
+        """Load the encoder of a folder; also return the raw weights (heads too) and their file.
+
+        Classifiers read their heads from the same raw weights, so a folder's weights file is
+        read once (1.2 GB for V2-316M).
+        """
         folder = Path(folder)
         if not (folder / ckpt.CONFIG_NAME).is_file():
             where = "does not exist" if not folder.exists() else f"has no {ckpt.CONFIG_NAME}"
@@ -249,7 +260,7 @@ class Geneformer(nn.Module):
             model.cls = None
         model.load_state_dict(state, strict=True, assign=True)
         model.training_args = dict(metadata.get("training_args") or {})
-        return model.float().eval()
+        return model.float().eval(), raw, weights_path
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the model as a Hugging Face style folder, atomically.
@@ -369,7 +380,8 @@ class Geneformer(nn.Module):
             )
         return tokens.long()
 
-    def _check_ids(self, ids: torch.Tensor) -> None:
+    def check_token_ids(self, ids: torch.Tensor) -> None:
+        """Refuse token ids outside the vocabulary, with the ids found and the likely cause."""
         if ids.numel() and (ids.min() < 0 or ids.max() >= len(self.vocab)):
             bad = ids[(ids < 0) | (ids >= len(self.vocab))]
             raise ValueError(
@@ -400,7 +412,7 @@ class Geneformer(nn.Module):
                 )
         if validate:
             self._check_length(ids.shape[1])
-            self._check_ids(ids)
+            self.check_token_ids(ids)
         bias = None if bool(keep.all()) else key_padding_bias(keep, self.dtype)
         return ids, PaddedAttention(bias)
 
@@ -468,7 +480,7 @@ class Geneformer(nn.Module):
                 raise ValueError(
                     f"max_seqlen={max_seqlen} is less than the longest cell ({longest})."
                 )
-            self._check_ids(ids)
+            self.check_token_ids(ids)
         cell, positions = packed_positions(cu, ids.numel())
         return ids, positions, PackedAttention(cu, max_seqlen, cell, positions)
 

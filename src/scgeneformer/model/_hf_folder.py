@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._atomic import fsync_tree, staging_folder
 from .._version import __version__
 from ..vocab import Vocabulary
 
@@ -250,10 +249,10 @@ def write_checkpoint(
         raise TypeError(f"training_args and history must be JSON-serialisable: {err}") from err
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    # Not atomic_folder: a run's output_dir holds its checkpoints beside the model files.
+    with staging_folder(folder) as tmp:
         _write_folder_contents(tmp, config, state, vocab, metadata)
+        fsync_tree(tmp)
         if not folder.exists():
             tmp.rename(folder)
             return folder
@@ -262,5 +261,3 @@ def write_checkpoint(
         for name in (SAFETENSORS_NAME, CONFIG_NAME, VOCAB_NAME, METADATA_NAME):
             os.replace(tmp / name, folder / name)
         return folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -11,15 +11,16 @@ from matplotlib.axes import Axes
 
 from ..model import Geneformer, GeneformerClassifier
 from ..model._hf_folder import METADATA_NAME
+from ..train._history import EVAL_SCORES, as_history
 from ._utils import finish, new_axes
 
 
 def _history(
     source: Geneformer | GeneformerClassifier | dict[str, Any] | str | os.PathLike,
-) -> dict[str, Any]:
-    """Read the ``{"train": [...], "eval": [...]}`` history of a model, dict, file or folder."""
+) -> dict[str, list[dict[str, Any]]]:
+    """Read the history of a model, classifier, dict, file or folder (one format for all)."""
     if isinstance(source, GeneformerClassifier):
-        return dict(source.history)
+        return as_history(source.history)
     if isinstance(source, Geneformer):
         history = source.training_args.get("history")
         if history is None:
@@ -27,9 +28,9 @@ def _history(
                 "This model has no training history: it was not trained with sgf.tl.pretrain "
                 "(or was loaded from a checkpoint saved without one)."
             )
-        return history
+        return as_history(history)
     if isinstance(source, dict):
-        return source.get("history", source)
+        return as_history(source.get("history", source))
     path = Path(source)
     if path.is_dir():
         for candidate in (path / "history.json", path / METADATA_NAME):
@@ -43,19 +44,10 @@ def _history(
             )
     data = json.loads(path.read_text(encoding="utf-8"))
     if path.name == METADATA_NAME:
-        data = (data.get("training_args") or {}).get("history")
+        data = data.get("history") or (data.get("training_args") or {}).get("history")
         if data is None:
             raise ValueError(f"{str(path)!r} records no training history.")
-    return data
-
-
-def _finetune_records(history: dict[str, list]) -> dict[str, list[dict[str, float]]]:
-    """Turn :func:`~scgeneformer.tl.finetune`'s per-epoch lists into step records."""
-    rows = list(zip(history["step"], history["loss"], history["val_macro_f1"], strict=True))
-    return {
-        "train": [{"step": s, "loss": loss} for s, loss, _ in rows],
-        "eval": [{"step": s, "accuracy": f1} for s, _, f1 in rows if f1 == f1],
-    }
+    return as_history(data)
 
 
 def loss_curve(
@@ -90,12 +82,9 @@ def loss_curve(
     >>> ax = sgf.pl.loss_curve("runs/v1", show=False)  # doctest: +SKIP
     """
     history = _history(source)
-    score_label = "held-out masked-gene accuracy"
-    if "val_macro_f1" in history:  # a fine-tuning history: equal-length lists per epoch
-        history = _finetune_records(history)
-        score_label = "validation macro-F1"
-    train = history.get("train", [])
-    evaluation = history.get("eval", [])
+    train, evaluation = history["train"], history["eval"]
+    score = next((k for k in EVAL_SCORES if evaluation and k in evaluation[0]), "accuracy")
+    score_label = EVAL_SCORES[score]
     if not train and not evaluation:
         raise ValueError("The training history is empty: no step was logged.")
     ax = new_axes(ax, (6, 4))
@@ -108,7 +97,7 @@ def loss_curve(
     if evaluation:
         twin = ax.twinx()
         steps = [r["step"] for r in evaluation]
-        scores = [r["accuracy"] for r in evaluation]
+        scores = [r[score] for r in evaluation]
         twin.plot(steps, scores, color="C1", marker="o", label=score_label)
         if all("frequency_baseline" in r for r in evaluation):
             baseline = [r["frequency_baseline"] for r in evaluation]

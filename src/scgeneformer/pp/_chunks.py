@@ -1,4 +1,4 @@
-"""Reading a count matrix in CSR row chunks, in memory or backed, without densifying it."""
+"""Reading a count matrix in CSR row chunks (in memory or backed), and its columns' keys."""
 
 from __future__ import annotations
 
@@ -64,3 +64,25 @@ def iter_csr_chunks(source: CountSource, chunk_size: int) -> Iterator[tuple[int,
             chunk = sp.csr_matrix(np.asarray(block))
         chunk.sum_duplicates()
         yield start, chunk
+
+
+def shared_columns(column_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which columns share a key with another column, for the kernels to sum them.
+
+    Returns ``(column_shared, shared_key)``: ``column_shared[j]`` is -1 for a column that
+    alone has its key (or no key, -1), else its slot; ``shared_key[s]`` is slot s's key.
+
+    Examples
+    --------
+    >>> shared_columns(np.array([5, 7, -1, 5, 9]))
+    (array([ 0, -1, -1,  0, -1]), array([5]))
+    """
+    column_shared = np.full(len(column_key), -1, dtype=np.int64)
+    keyed = np.flatnonzero(column_key >= 0)
+    keys, slot_of_column, columns_per_key = np.unique(
+        column_key[keyed], return_inverse=True, return_counts=True
+    )
+    shared = columns_per_key > 1
+    is_shared = shared[slot_of_column]
+    column_shared[keyed[is_shared]] = (np.cumsum(shared) - 1)[slot_of_column[is_shared]]
+    return column_shared, keys[shared].astype(np.int64)

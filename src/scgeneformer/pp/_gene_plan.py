@@ -10,32 +10,11 @@ import pandas as pd
 
 from .._genes import describe_mismatch
 from ..vocab import Vocabulary
+from ._chunks import shared_columns
 
 # Below this fraction of the data's genes found in the vocabulary, something is likely off
 # (wrong identifier column, another species). PBMC 3k with all 32,738 Ensembl genes maps 62%.
 LOW_MATCH_FRACTION = 0.3
-
-
-def shared_columns(column_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Which columns share a key with another column, for the kernels to sum them.
-
-    Returns ``(column_shared, shared_key)``: ``column_shared[j]`` is -1 for a column that
-    alone has its key (or no key, -1), else its slot; ``shared_key[s]`` is slot s's key.
-
-    Examples
-    --------
-    >>> shared_columns(np.array([5, 7, -1, 5, 9]))
-    (array([ 0, -1, -1,  0, -1]), array([5]))
-    """
-    column_shared = np.full(len(column_key), -1, dtype=np.int64)
-    keyed = np.flatnonzero(column_key >= 0)
-    keys, slot_of_column, columns_per_key = np.unique(
-        column_key[keyed], return_inverse=True, return_counts=True
-    )
-    shared = columns_per_key > 1
-    is_shared = shared[slot_of_column]
-    column_shared[keyed[is_shared]] = (np.cumsum(shared) - 1)[slot_of_column[is_shared]]
-    return column_shared, keys[shared].astype(np.int64)
 
 
 @dataclass(frozen=True)

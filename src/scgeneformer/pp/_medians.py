@@ -12,12 +12,10 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
-from tqdm.auto import tqdm
 
 from .._genes import gene_names, normalize_gene_id
-from .._settings import settings
-from ._chunks import count_source, iter_csr_chunks
-from ._gene_plan import shared_columns
+from .._progress import progress_bar
+from ._chunks import count_source, iter_csr_chunks, shared_columns
 from ._median_kernel import place_cp10k, stretch_medians
 from ._rank_kernel import row_totals_checked
 
@@ -111,9 +109,7 @@ def corpus_nonzero_medians(
         for item, plan, label in zip(items, plans, labels, strict=True):
             with open_corpus_item(item) as adata:
                 source = count_source(adata, layer)
-                bar = tqdm(
-                    total=source.n_rows, desc=desc, unit="cells", disable=not settings.progress
-                )
+                bar = progress_bar(total=source.n_rows, desc=desc, unit="cells")
                 with bar:
                     for _, chunk in iter_csr_chunks(source, chunk_size):
                         yield chunk, plan, label

@@ -4,126 +4,22 @@ from __future__ import annotations
 
 import mmap
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
 
-import numba
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
-from tqdm.auto import tqdm
 
 from .._genes import gene_names
+from .._progress import progress_bar
 from .._settings import settings
 from .._version import __version__
 from ..vocab import Vocabulary
-from ._chunks import CountSource, count_source, iter_csr_chunks
-from ._gene_plan import GenePlan, plan_genes
-from ._rank_kernel import (
-    BAD_NEGATIVE,
-    BAD_NONFINITE,
-    announce_first_use,
-    fill_padded,
-    rank_rows,
-    scan_rows,
-)
+from ._chunks import count_source
+from ._gene_plan import plan_genes
+from ._rank_kernel import fill_padded
+from ._ranked_chunks import RankedChunk, iter_ranked_chunks, numba_threads, token_dtype
 
 TIE_RULE = "rank value descending; exact ties by token id ascending"
-
-
-@dataclass(frozen=True)
-class RankedChunk:
-    """Gene tokens of a block of cells: ``flat[offsets[i]:offsets[i + 1]]`` for cell i."""
-
-    offsets: np.ndarray
-    flat: np.ndarray
-
-    @property
-    def n_gene_tokens(self) -> np.ndarray:
-        """Gene tokens per cell (special tokens not counted)."""
-        return np.diff(self.offsets)
-
-
-@contextmanager
-def numba_threads(n_jobs: int | None):
-    """Run numba's parallel loops on ``n_jobs`` threads (default: the setting)."""
-    wanted = settings.n_jobs if n_jobs is None else n_jobs
-    wanted = max(1, min(int(wanted), numba.config.NUMBA_NUM_THREADS))
-    previous = numba.get_num_threads()
-    numba.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
-
-
-def token_dtype(vocab: Vocabulary) -> np.dtype:
-    """uint16 when every token id fits, int32 otherwise."""
-    return np.dtype(np.uint16) if vocab.size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
-
-
-def _raise_bad_counts(
-    source: CountSource, code: np.ndarray, value: np.ndarray, cell_names: pd.Index, start: int
-) -> None:
-    row = int(np.flatnonzero(code)[0])
-    bad, cell = float(value[row]), cell_names[start + row]
-    where = f"{source.label} holds {bad!r} in cell {cell!r}"
-    if code[row] == BAD_NONFINITE:
-        raise ValueError(f"{where}: counts must be finite. Fix or remove such cells first.")
-    what = "negative values" if code[row] == BAD_NEGATIVE else "non-integer values"
-    hint = (
-        "as scaled data does"
-        if code[row] == BAD_NEGATIVE
-        else "as log-normalised or normalised data does"
-    )
-    raise ValueError(
-        f"{where}: {what}, {hint}. rank_tokenize needs raw counts; if they are in a layer, "
-        "pass layer='counts' (or that layer's name)."
-    )
-
-
-def rank_chunk(
-    chunk: sp.csr_matrix,
-    plan: GenePlan,
-    max_genes: int,
-    dtype: np.dtype,
-    totals: np.ndarray | None = None,
-) -> tuple[RankedChunk, np.ndarray, np.ndarray]:
-    """Rank one CSR chunk of raw counts; checks counts on the way.
-
-    Returns the ranked tokens and, for error reporting, the per-row bad-value code and value.
-    ``totals`` overrides the cell totals (default: the sum over all genes of each cell).
-    """
-    announce_first_use()
-    row_sums, bad_code, bad_value, counts = scan_rows(
-        chunk.indptr,
-        chunk.indices,
-        chunk.data,
-        plan.column_token,
-        plan.column_shared,
-        len(plan.shared_token),
-        max_genes,
-    )
-    if bad_code.any():
-        return RankedChunk(np.zeros(1, np.int64), np.empty(0, dtype)), bad_code, bad_value
-    totals = row_sums if totals is None else np.asarray(totals, dtype=np.float64)
-    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    flat = np.empty(offsets[-1], dtype=dtype)
-    rank_rows(
-        chunk.indptr,
-        chunk.indices,
-        chunk.data,
-        plan.column_token,
-        plan.column_shared,
-        plan.shared_token,
-        plan.median_by_token,
-        totals,
-        offsets,
-        flat,
-    )
-    return RankedChunk(offsets, flat), bad_code, bad_value
 
 
 def _cell_totals(adata: AnnData, total_key: str | None) -> np.ndarray | None:
@@ -257,7 +153,7 @@ def rank_tokenize(
     >>> adata = sgf.datasets.synthetic_states(n_cells=100, random_state=0)
     >>> vocab = sgf.Vocabulary.build(adata)
     >>> sgf.pp.rank_tokenize(adata, vocab)
-    >>> adata.obsm["geneformer_tokens"][0, 0] == vocab.cls_id
+    >>> bool(adata.obsm["geneformer_tokens"][0, 0] == vocab.cls_id)
     True
     """
     if copy and adata.isbacked:
@@ -284,20 +180,19 @@ def rank_tokenize(
 
     chunks: list[RankedChunk] = []
     n_chunks = -(-source.n_rows // chunk_size)
-    progress = tqdm(
+    progress = progress_bar(
         total=source.n_rows,
         desc="rank_tokenize",
         unit="cells",
-        disable=not settings.progress or n_chunks < 2,
+        enabled=settings.progress and n_chunks >= 2,
+    )
+    ranked_chunks = iter_ranked_chunks(
+        source, plan, max_genes, dtype, adata.obs_names, chunk_size=chunk_size, totals=totals
     )
     with numba_threads(n_jobs), progress:
-        for start, chunk in iter_csr_chunks(source, chunk_size):
-            chunk_totals = None if totals is None else totals[start : start + chunk.shape[0]]
-            ranked, bad_code, bad_value = rank_chunk(chunk, plan, max_genes, dtype, chunk_totals)
-            if bad_code.any():
-                _raise_bad_counts(source, bad_code, bad_value, adata.obs_names, start)
+        for _, n_rows, ranked in ranked_chunks:
             chunks.append(ranked)
-            progress.update(chunk.shape[0])
+            progress.update(n_rows)
         tokens, n_tokens = pad_rows(chunks, vocab, dtype)
 
     empty = np.flatnonzero(n_tokens == 0)

@@ -1,8 +1,9 @@
 """Tools: pretraining, embedding, fine-tuning and in silico perturbation."""
 
 from ._embed import embed
-from ._finetune import finetune, predict
+from ._finetune import finetune
 from ._in_silico import in_silico_delete, in_silico_overexpress
+from ._predict import predict
 from ._pretrain import pretrain
 
 __all__ = [

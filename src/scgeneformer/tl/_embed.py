@@ -8,22 +8,42 @@ import numpy as np
 import torch
 from anndata import AnnData
 
+from .._deprecation import renamed_keywords
+from .._docs import (
+    doc_adata_tokens,
+    doc_copy,
+    doc_device_dtype,
+    doc_emb_layer,
+    doc_params,
+    doc_pooling,
+    doc_token_budget,
+)
+from .._slots import n_tokens_slot, table_to_var, var_tokens
 from ..model import Geneformer, GeneformerClassifier
 from ..train._optim import resolve_device_dtype
 from ._inference import check_pooling, encode_cells, hidden_layer_index
 from ._model_arg import encoder_of
-from ._tokens import TOKENS_KEY, cell_tokens
+from ._tokens import cell_tokens
 
 
+@renamed_keywords(layer="emb_layer", batch_tokens="token_budget")
+@doc_params(
+    adata=doc_adata_tokens,
+    emb_layer=doc_emb_layer,
+    pooling=doc_pooling,
+    token_budget=doc_token_budget,
+    device_dtype=doc_device_dtype,
+    copy=doc_copy,
+)
 def embed(
     adata: AnnData,
     model: Geneformer | GeneformerClassifier,
     *,
     key_added: str = "X_geneformer",
-    layer: int = -1,
+    emb_layer: int = -1,
     pooling: str = "mean",
     genes: bool = False,
-    batch_tokens: int | None = None,
+    token_budget: int | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     copy: bool = False,
@@ -37,31 +57,22 @@ def embed(
 
     Parameters
     ----------
-    adata
-        Cells; tokens in ``obsm["geneformer_tokens"]`` or raw counts to make them from.
+    {adata}
     model
         A :class:`~scgeneformer.Geneformer`, or a
         :class:`~scgeneformer.GeneformerClassifier` (its encoder is used); tokens made with
         another vocabulary are refused.
     key_added
         Where the cell embeddings go in ``obsm`` (and gene embeddings in ``varm``).
-    layer
-        As Geneformer's ``emb_layer``: -1 (default) the second-to-last layer, 0 the last,
-        down to ``-num_layers`` (the embedding layer).
-    pooling
-        ``"mean"``: average of the gene tokens (``<cls>`` and ``<eos>`` excluded);
-        ``"cls"``: the ``<cls>`` token (V2-style vocabularies only).
+    {emb_layer}
+    {pooling}
     genes
         Also write gene embeddings: each gene's contextual embedding averaged over the cells
         where it occurs, into ``varm[key_added]`` (NaN where it never occurs), with those cell
         counts in ``var[f"{key_added}_n_cells"]``.
-    batch_tokens
-        Tokens per batch (default ``sgf.settings.token_budget``); lower it if memory runs out.
-    device, dtype
-        Default ``sgf.settings`` ("auto": CUDA with bfloat16 when present, else CPU float32).
-        The model is moved to ``device``.
-    copy
-        Return a new AnnData instead of writing into ``adata``.
+    {token_budget}
+    {device_dtype}
+    {copy}
 
     Returns
     -------
@@ -73,13 +84,13 @@ def embed(
     --------
     >>> import scanpy as sc, scgeneformer as sgf
     >>> adata = sgf.datasets.synthetic_states(n_cells=200, random_state=0)
-    >>> vocab = sgf.Vocabulary.build(adata)
+    >>> vocab = sgf.Vocabulary.build(adata, max_length=2048)
     >>> model = sgf.Geneformer.from_config("V1-10M", vocab, num_hidden_layers=2, random_state=0)
     >>> sgf.tl.embed(adata, model)
     >>> sc.pp.neighbors(adata, use_rep="X_geneformer")
     """
     model = encoder_of(model)
-    hidden_layer_index(model, layer)  # refuse bad arguments before touching adata
+    hidden_layer_index(model, emb_layer)  # refuse bad arguments before touching adata
     check_pooling(model, pooling)
     target = adata.copy() if copy else adata
     device_, dtype_ = resolve_device_dtype(device, dtype)
@@ -88,33 +99,32 @@ def embed(
         model,
         tokens,
         n_tokens,
-        layer=layer,
+        emb_layer=emb_layer,
         pooling=pooling,
         device=device_,
         dtype=dtype_,
-        token_budget=batch_tokens,
+        token_budget=token_budget,
         genes=genes,
     )
     empty = int((n_tokens == 0).sum())
     if empty:
         warnings.warn(
             f"{empty:,} cells have no tokens; their rows of obsm[{key_added!r}] are NaN. Drop "
-            f"them (adata.obs['{TOKENS_KEY}_n_tokens'] == 0) before sc.pp.neighbors.",
+            f"them (adata.obs['{n_tokens_slot()}'] == 0) before sc.pp.neighbors.",
             UserWarning,
             stacklevel=2,
         )
     target.obsm[key_added] = encoded.cells
     if genes:
-        var_token = target.var[f"{TOKENS_KEY}_token"].to_numpy()
-        safe = np.maximum(var_token, 0)
-        counts = np.where(var_token >= 0, encoded.gene_count[safe], 0)
+        var_token = var_tokens(target)
+        counts = table_to_var(var_token, encoded.gene_count, 0).astype(np.int64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            means = encoded.gene_sum[safe] / counts[:, None]
+            means = table_to_var(var_token, encoded.gene_sum) / counts[:, None]
         means[counts == 0] = np.nan
         target.varm[key_added] = means.astype(np.float32)
         target.var[f"{key_added}_n_cells"] = counts
     target.uns[key_added] = {
-        "layer": int(layer),
+        "emb_layer": int(emb_layer),
         "pooling": pooling,
         "genes": bool(genes),
         "model_preset": model.preset or "custom",

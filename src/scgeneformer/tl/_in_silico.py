@@ -19,9 +19,11 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from anndata import AnnData
-from tqdm.auto import tqdm
 
+from .._deprecation import renamed_keywords
+from .._progress import progress_bar
 from .._settings import settings
+from .._slots import positions_of, token_values_to_var, var_tokens
 from ..model import Geneformer, GeneformerClassifier
 from ..train._distributed import setup_distributed
 from ..train._optim import autocast, resolve_device_dtype
@@ -29,7 +31,7 @@ from ._cost import warn_if_slow_on_cpu
 from ._inference import check_pooling, encode_cells, hidden_layer_index, inference_on
 from ._model_arg import encoder_of, warn_if_not_finetuned_on
 from ._perturb_stats import gene_statistics
-from ._tokens import TOKENS_KEY, cell_tokens
+from ._tokens import cell_tokens
 
 
 @dataclass(frozen=True)
@@ -151,12 +153,7 @@ def _run_screen(
             parts.append(_pool(states.float(), lead, trail, pooling))
         return torch.cat(parts)
 
-    bar = tqdm(
-        total=len(cells),
-        desc=f"in silico {screen.mode}",
-        unit="cells",
-        disable=not settings.progress,
-    )
+    bar = progress_bar(total=len(cells), desc=f"in silico {screen.mode}", unit="cells")
     no_tokens = torch.empty(0, dtype=torch.long, device=device)
     with inference_on(model, device), autocast(device, dtype), bar:
         for c in cells:
@@ -218,19 +215,19 @@ def _screen(
     genes: str | Sequence[str],
     combine: bool,
     max_cells: int | None,
-    layer: int,
+    emb_layer: int,
     pooling: str,
     min_cells: int,
     key_added: str,
     store_per_cell: bool,
-    batch_tokens: int | None,
+    token_budget: int | None,
     device: str | torch.device | None,
     dtype: str | torch.dtype | None,
     random_state: int,
     copy: bool,
 ) -> AnnData | None:
     given, model = model, encoder_of(model)
-    layer_index = hidden_layer_index(model, layer)
+    layer_index = hidden_layer_index(model, emb_layer)
     check_pooling(model, pooling)
     alt_states = [str(a) for a in alt_states]
     if state_key is None:
@@ -255,7 +252,7 @@ def _screen(
     ctx = setup_distributed(device_)
     device_ = ctx.device
     tokens, n_tokens = cell_tokens(target, model)
-    budget = batch_tokens or settings.token_budget
+    budget = token_budget or settings.token_budget
     if state_key is None:
         start = np.flatnonzero(n_tokens > 0)
         if len(start) == 0:
@@ -294,7 +291,7 @@ def _screen(
             model,
             tokens[rows],
             n_tokens[rows],
-            layer=layer,
+            emb_layer=emb_layer,
             pooling=pooling,
             device=device_,
             dtype=dtype_,
@@ -315,7 +312,7 @@ def _screen(
         "goal_state": "" if goal_state is None else str(goal_state),
         "alt_states": list(alt_states),
         "genes": "all" if listed is None else [str(g) for g in model.vocab.gene_by_token[listed]],
-        "layer": int(layer),
+        "emb_layer": int(emb_layer),
         "pooling": pooling,
         "min_cells": int(min_cells),
         "n_start_cells": len(start),
@@ -341,7 +338,7 @@ def _screen(
             targets,
             key_added,
             params,
-            layer=layer,
+            emb_layer=emb_layer,
             pooling=pooling,
             device=device_,
             dtype=dtype_,
@@ -375,14 +372,10 @@ def _screen(
         table[main].to_numpy(),
         min_cells=min_cells,
     )
-    var_token = target.var[f"{TOKENS_KEY}_token"].to_numpy()
-    lookup = pd.Series(np.arange(len(result.token)), index=result.token)
-    at = lookup.reindex(var_token).to_numpy()
-    found = ~np.isnan(at)
-    at = np.where(found, at, 0).astype(np.int64)
+    var_token = var_tokens(target)
 
     def per_var(values: np.ndarray, fill: float = np.nan) -> np.ndarray:
-        return np.where(found, values[at], fill)
+        return token_values_to_var(var_token, result.token, values, fill)
 
     target.var[f"{key_added}_shift"] = per_var(result.shift)
     target.var[f"{key_added}_zscore"] = per_var(result.zscore)
@@ -410,12 +403,9 @@ def _per_cell_layer(
     adata: AnnData, table: pd.DataFrame, score: str, var_token: np.ndarray
 ) -> sp.csr_matrix:
     """Sparse cells x genes matrix of shifts, at each token's first column in var."""
-    first_column = pd.Series(np.arange(len(var_token)), index=var_token)
-    first_column = first_column[~first_column.index.duplicated()]
-    cols = first_column.reindex(table["token"].to_numpy()).to_numpy()
-    ok = ~np.isnan(cols)
+    cols, ok = positions_of(var_token, table["token"].to_numpy())
     return sp.csr_matrix(
-        (table[score].to_numpy()[ok], (table["cell"].to_numpy()[ok], cols[ok].astype(np.int64))),
+        (table[score].to_numpy()[ok], (table["cell"].to_numpy()[ok], cols[ok])),
         shape=adata.shape,
     )
 
@@ -431,7 +421,7 @@ def _combined(
     key_added,
     params,
     *,
-    layer,
+    emb_layer,
     pooling,
     device,
     dtype,
@@ -439,7 +429,9 @@ def _combined(
 ) -> None:
     """Delete all listed genes together from each start cell; per-cell shifts into obs."""
     variant, n_variant = _remove_tokens(tokens[start], n_tokens[start], listed)
-    args = dict(layer=layer, pooling=pooling, device=device, dtype=dtype, token_budget=budget)
+    args = dict(
+        emb_layer=emb_layer, pooling=pooling, device=device, dtype=dtype, token_budget=budget
+    )
     original = torch.as_tensor(encode_cells(model, tokens[start], n_tokens[start], **args).cells)
     changed = torch.as_tensor(encode_cells(model, variant, n_variant, **args).cells)
     if targets:
@@ -479,16 +471,18 @@ _SHARED_PARAMETERS = """
         symbols).
     max_cells
         Perturb at most this many start cells (a random subset by ``random_state``).
-    layer, pooling
-        As in :func:`~scgeneformer.tl.embed`.
+    emb_layer, pooling
+        As in :func:`~scgeneformer.tl.embed` (``layer=``, the old name of ``emb_layer``,
+        still works with a warning until version 0.3).
     min_cells
         Genes perturbed in fewer cells get no p-value.
     key_added
         Prefix of the result slots.
     store_per_cell
         Also write the per-cell shifts as a sparse ``layers[key_added]``.
-    batch_tokens, device, dtype
-        As in :func:`~scgeneformer.tl.embed`.
+    token_budget, device, dtype
+        As in :func:`~scgeneformer.tl.embed` (``batch_tokens=`` is the old name of
+        ``token_budget``).
     random_state
         Seed for the ``max_cells`` subset.
     copy
@@ -526,6 +520,7 @@ _SHARED_PARAMETERS = """
 """
 
 
+@renamed_keywords(layer="emb_layer", batch_tokens="token_budget")
 def in_silico_delete(
     adata: AnnData,
     model: Geneformer | GeneformerClassifier,
@@ -537,12 +532,12 @@ def in_silico_delete(
     genes: str | Sequence[str] = "all",
     combine: bool = False,
     max_cells: int | None = None,
-    layer: int = -1,
+    emb_layer: int = -1,
     pooling: str = "mean",
     min_cells: int = 3,
     key_added: str = "in_silico_delete",
     store_per_cell: bool = False,
-    batch_tokens: int | None = None,
+    token_budget: int | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     random_state: int = 0,
@@ -552,7 +547,7 @@ def in_silico_delete(
 
     For every start cell and every gene in it (or every listed gene), the variant is the
     cell's token list without that gene (later genes move up one place). Original and variants
-    are embedded at ``layer``; the variants of one cell share one length and run as one dense
+    are embedded at ``emb_layer``; the variants of one cell share one length and run as one dense
     batch. With ``combine=True`` the listed genes are deleted together, one variant per cell,
     and the per-cell shifts go to ``obs[f"{key_added}_combined_shift"]``.
     {parameters}
@@ -577,12 +572,12 @@ def in_silico_delete(
         genes=genes,
         combine=combine,
         max_cells=max_cells,
-        layer=layer,
+        emb_layer=emb_layer,
         pooling=pooling,
         min_cells=min_cells,
         key_added=key_added,
         store_per_cell=store_per_cell,
-        batch_tokens=batch_tokens,
+        token_budget=token_budget,
         device=device,
         dtype=dtype,
         random_state=random_state,
@@ -590,6 +585,7 @@ def in_silico_delete(
     )
 
 
+@renamed_keywords(layer="emb_layer", batch_tokens="token_budget")
 def in_silico_overexpress(
     adata: AnnData,
     model: Geneformer | GeneformerClassifier,
@@ -600,12 +596,12 @@ def in_silico_overexpress(
     alt_states: Sequence[str] = (),
     genes: str | Sequence[str] = "all",
     max_cells: int | None = None,
-    layer: int = -1,
+    emb_layer: int = -1,
     pooling: str = "mean",
     min_cells: int = 3,
     key_added: str = "in_silico_overexpress",
     store_per_cell: bool = False,
-    batch_tokens: int | None = None,
+    token_budget: int | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     random_state: int = 0,
@@ -636,12 +632,12 @@ def in_silico_overexpress(
         genes=genes,
         combine=False,
         max_cells=max_cells,
-        layer=layer,
+        emb_layer=emb_layer,
         pooling=pooling,
         min_cells=min_cells,
         key_added=key_added,
         store_per_cell=store_per_cell,
-        batch_tokens=batch_tokens,
+        token_budget=token_budget,
         device=device,
         dtype=dtype,
         random_state=random_state,

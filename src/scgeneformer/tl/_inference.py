@@ -13,17 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .._settings import settings
-from ..data._batching import pack_tokens, token_budget_batches
+from .._progress import progress_bar
+from ..data._batching import cell_batch, packs_cells, token_budget_batches
 from ..model import Geneformer
 from ..train._optim import autocast
 
 POOLINGS = ("mean", "cls")
 
 
-def hidden_layer_index(model: Geneformer, layer: int) -> int:
+def hidden_layer_index(model: Geneformer, emb_layer: int) -> int:
     """Turn Geneformer's layer convention into an index of the encoder's hidden states.
 
     As Geneformer's ``emb_layer``: 0 is the last layer, -1 the one before it, and so on down
@@ -34,15 +33,16 @@ def hidden_layer_index(model: Geneformer, layer: int) -> int:
     >>> hidden_layer_index(model, -1) == model.num_layers - 1  # doctest: +SKIP
     True
     """
-    if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
-        raise TypeError(f"layer must be an integer, got {layer!r}.")
-    if not -model.num_layers <= layer <= 0:
+    if isinstance(emb_layer, bool) or not isinstance(emb_layer, int | np.integer):
+        raise TypeError(f"emb_layer must be an integer, got {emb_layer!r}.")
+    if not -model.num_layers <= emb_layer <= 0:
         raise ValueError(
-            f"layer={layer} is out of range for a model with {model.num_layers} layers: use 0 "
-            f"(last layer), -1 (second to last, Geneformer's default) ... {-model.num_layers} "
+            f"emb_layer={emb_layer} is out of range for a model with {model.num_layers} layers: "
+            f"use 0 (last layer), -1 (second to last, Geneformer's default) ... "
+            f"{-model.num_layers} "
             "(embeddings)."
         )
-    return model.num_layers + int(layer)
+    return model.num_layers + int(emb_layer)
 
 
 def check_pooling(model: Geneformer, pooling: str) -> None:
@@ -89,7 +89,7 @@ def encode_cells(
     tokens: np.ndarray,
     n_tokens: np.ndarray,
     *,
-    layer: int,
+    emb_layer: int,
     pooling: str,
     device: torch.device,
     dtype: torch.dtype,
@@ -98,7 +98,7 @@ def encode_cells(
     packed: bool | None = None,
     desc: str = "embedding",
 ) -> Encoded:
-    """Pool each cell's hidden states at ``layer``; cells without tokens get NaN rows.
+    """Pool each cell's hidden states at ``emb_layer``; cells without tokens get NaN rows.
 
     Parameters
     ----------
@@ -106,7 +106,7 @@ def encode_cells(
         The encoder, moved to ``device`` for the call.
     tokens, n_tokens
         Right-padded token rows and their lengths (the tokenization slots).
-    layer
+    emb_layer
         Geneformer's convention (see :func:`hidden_layer_index`).
     pooling
         ``"mean"`` over gene tokens (``<cls>``/``<eos>`` excluded) or ``"cls"``.
@@ -126,9 +126,9 @@ def encode_cells(
     -------
     :class:`Encoded` with ``cells`` ``(n_cells, hidden)`` float32 in input order.
     """
-    index = hidden_layer_index(model, layer)
+    index = hidden_layer_index(model, emb_layer)
     check_pooling(model, pooling)
-    packed = device.type == "cuda" if packed is None else packed
+    packed = packs_cells(device) if packed is None else packed
     n_cells, hidden = len(n_tokens), model.hidden_size
     cells = np.full((n_cells, hidden), np.nan, dtype=np.float32)
     present = np.flatnonzero(n_tokens > 0)
@@ -136,24 +136,22 @@ def encode_cells(
     if genes:  # a vocabulary-by-hidden float64 table: only when gene embeddings are asked for
         gene_sum = torch.zeros((len(model.vocab), hidden), dtype=torch.float64, device=device)
         gene_count = torch.zeros(len(model.vocab), dtype=torch.int64, device=device)
-    bar = tqdm(total=len(present), desc=desc, unit="cells", disable=not settings.progress)
+    bar = progress_bar(total=len(present), desc=desc, unit="cells")
     with inference_on(model, device), autocast(device, dtype), bar:
         for batch in batches:
             rows = present[batch]
-            lengths = n_tokens[rows]
+            cells_batch = cell_batch(tokens[rows], n_tokens[rows], packed=packed, device=device)
+            ids = cells_batch.ids
             if packed:
-                flat, cu, longest = pack_tokens(tokens[rows].astype(np.int64), lengths)
-                ids, cu = flat.to(device), cu.to(device)
-                states = model.hidden_states_packed(ids, cu, longest, layer=index)
+                cu = cells_batch.cu_seqlens
+                states = model.hidden_states_packed(ids, cu, cells_batch.max_seqlen, layer=index)
                 cell_of = torch.repeat_interleave(
                     torch.arange(len(rows), device=device),
-                    torch.as_tensor(lengths, device=device),
+                    torch.as_tensor(n_tokens[rows], device=device),
                 )
                 first = cu[:-1].long()
             else:
-                width = int(lengths.max())
-                ids = torch.as_tensor(tokens[rows, :width].astype(np.int64), device=device)
-                states = model.hidden_states(ids, ids != model.vocab.pad_id, layer=index)
+                states = model.hidden_states(ids, cells_batch.mask, layer=index)
                 cell_of = torch.arange(len(rows), device=device)[:, None].expand_as(ids)
                 first = None
             gene = _gene_mask(ids, model)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 from anndata import AnnData
 
+from .._slots import TOKENS_KEY, n_tokens_slot, tokens_slot
 from ..model import Geneformer
 from ..pp import rank_tokenize
-
-TOKENS_KEY = "geneformer"
 
 
 def cell_tokens(
@@ -24,7 +23,7 @@ def cell_tokens(
     --------
     >>> tokens, n_tokens = cell_tokens(adata, model)  # doctest: +SKIP
     """
-    if f"{key}_tokens" not in adata.obsm:
+    if tokens_slot(key) not in adata.obsm:
         rank_tokenize(adata, model.vocab, key_added=key)
     info = adata.uns.get(key)
     if not isinstance(info, dict) or "vocabulary_sha256" not in info:
@@ -33,8 +32,8 @@ def cell_tokens(
             "vocabulary made it; re-run sgf.pp.rank_tokenize(adata, model.vocab)."
         )
     model.check_tokens_vocabulary(info["vocabulary_sha256"], info.get("vocabulary_name"))
-    tokens = np.asarray(adata.obsm[f"{key}_tokens"])
-    n_tokens = adata.obs[f"{key}_n_tokens"].to_numpy().astype(np.int64)
+    tokens = np.asarray(adata.obsm[tokens_slot(key)])
+    n_tokens = adata.obs[n_tokens_slot(key)].to_numpy().astype(np.int64)
     if n_tokens.max(initial=0) > model.max_length:
         raise ValueError(
             f"Cells hold up to {n_tokens.max()} tokens, more than the model's "

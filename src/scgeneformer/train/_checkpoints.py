@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._atomic import atomic_folder
 from ..model import Geneformer
 from ..model._hf_folder import read_json, read_weights
 
@@ -60,22 +61,6 @@ def ensure_writable(folder: str | os.PathLike) -> Path:
             f"{err}); choose another output_dir. Nothing was trained."
         ) from err
     return folder
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, flush it, and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- random states
@@ -142,24 +127,11 @@ def save_checkpoint(
     -------
     The checkpoint folder.
     """
-    root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
+    target = checkpoint_root(output_dir) / f"step-{step:08d}"
+    # The same step may be saved again (at the end of a resumed run): it is replaced whole.
+    with atomic_folder(target) as tmp:
         model.save(tmp)
         _write_trainer_state(tmp, trainer_state, {"format": STATE_FORMAT, "step": step, **info})
-        for path in tmp.iterdir():
-            _fsync(path)
-        _fsync(tmp)
-        if target.exists():  # the same step saved again (e.g. at the end of a resumed run)
-            old = root / f".{target.name}.old-{os.getpid()}"
-            target.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(target)
-        _fsync(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for _, old_folder in list_checkpoints(output_dir)[: -max(int(keep_last), 1)]:
         shutil.rmtree(old_folder, ignore_errors=True)
     return target
@@ -239,5 +211,4 @@ __all__ = [
     "remove_partial",
     "restore_rng",
     "save_checkpoint",
-    "write_json_atomic",
 ]

@@ -1,0 +1,103 @@
+"""The AnnData slots that the tokenizer writes and the tools read, and the lookups made on them.
+
+:func:`scgeneformer.pp.rank_tokenize` writes, under its ``key_added`` (``"geneformer"`` by
+default), ``obsm[f"{key}_tokens"]``, ``obs[f"{key}_n_tokens"]``, ``var[f"{key}_token"]`` and
+``uns[key]``. Every other module names those slots through the functions here, and maps
+per-token results onto ``var`` rows with :func:`token_values_to_var` and
+:func:`table_to_var`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+TOKENS_KEY = "geneformer"
+
+
+def tokens_slot(key: str = TOKENS_KEY) -> str:
+    """``obsm`` key of the right-padded token rows."""
+    return f"{key}_tokens"
+
+
+def n_tokens_slot(key: str = TOKENS_KEY) -> str:
+    """``obs`` key of the number of tokens per cell."""
+    return f"{key}_n_tokens"
+
+
+def var_token_slot(key: str = TOKENS_KEY) -> str:
+    """``var`` key of each gene's token id (-1 where the gene is not in the vocabulary)."""
+    return f"{key}_token"
+
+
+def var_tokens(adata: AnnData, key: str = TOKENS_KEY) -> np.ndarray:
+    """Each ``var`` row's token id as int64 (-1: not in the vocabulary).
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np, pandas as pd
+    >>> adata = ad.AnnData(np.zeros((1, 3)), var=pd.DataFrame({"geneformer_token": [7, -1, 5]}))
+    >>> var_tokens(adata).tolist()
+    [7, -1, 5]
+    """
+    return adata.var[var_token_slot(key)].to_numpy().astype(np.int64)
+
+
+def counts_layer(adata: AnnData, key: str = TOKENS_KEY) -> str | None:
+    """Return the layer the tokens were made from (None for ``X``), as ``uns[key]`` says."""
+    info = adata.uns.get(key, {})
+    layer = info.get("layer", "X") if isinstance(info, Mapping) else "X"
+    return None if layer in (None, "X") else layer
+
+
+def positions_of(keys: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``wanted`` first occurs in ``keys``, and whether it occurs at all.
+
+    Returns ``(index, found)``: int64 positions into ``keys`` (0 where not found) and a boolean
+    mask, both shaped as ``wanted``.
+
+    Examples
+    --------
+    >>> index, found = positions_of(np.array([4, 9, 4]), np.array([9, 3, 4]))
+    >>> index.tolist(), found.tolist()
+    ([1, 0, 0], [True, False, True])
+    """
+    lookup = pd.Series(np.arange(len(keys)), index=np.asarray(keys))
+    lookup = lookup[~lookup.index.duplicated()]
+    at = lookup.reindex(np.asarray(wanted)).to_numpy()
+    found = ~np.isnan(at)
+    return np.where(found, at, 0).astype(np.int64), found
+
+
+def token_values_to_var(
+    var_token: np.ndarray, tokens: np.ndarray, values: np.ndarray, fill: float = np.nan
+) -> np.ndarray:
+    """Spread values given per token (``values[i]`` for ``tokens[i]``) onto ``var`` rows.
+
+    Rows whose token is not among ``tokens`` (or is -1) get ``fill``.
+
+    Examples
+    --------
+    >>> token_values_to_var(np.array([5, -1, 8]), np.array([8, 5]), np.array([0.8, 0.5]))
+    array([0.5, nan, 0.8])
+    """
+    at, found = positions_of(tokens, var_token)
+    return np.where(found, np.asarray(values)[at], fill)
+
+
+def table_to_var(var_token: np.ndarray, table: np.ndarray, fill: float = np.nan) -> np.ndarray:
+    """Rows of a table indexed by token id (vocabulary-sized first axis) for each ``var`` row.
+
+    Examples
+    --------
+    >>> table_to_var(np.array([2, -1]), np.array([10.0, 11.0, 12.0]))
+    array([12., nan])
+    """
+    table = np.asarray(table)
+    known = var_token >= 0
+    picked = table[np.maximum(var_token, 0)]
+    mask = known.reshape(known.shape + (1,) * (picked.ndim - 1))
+    return np.where(mask, picked, fill)
