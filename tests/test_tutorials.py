@@ -169,7 +169,7 @@ def test_kang_deletion_chain(monkeypatch):
         label_key="condition",
         epochs=1,
         lr=1e-3,
-        batch_tokens=2048,
+        token_budget=2048,
         early_stopping_patience=None,
         random_state=0,
     )
@@ -179,7 +179,7 @@ def test_kang_deletion_chain(monkeypatch):
     sgf.pl.confusion_matrix(adata, "condition", ax=axes[1], show=False)
     plt.close("all")
 
-    screen = dict(state_key="condition", max_cells=4, layer=0, random_state=0)
+    screen = dict(state_key="condition", max_cells=4, emb_layer=0, random_state=0)
     sgf.tl.in_silico_delete(
         adata, clf, start_state="stim", goal_state="ctrl", min_cells=2, **screen
     )

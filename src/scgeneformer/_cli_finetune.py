@@ -24,7 +24,7 @@ def _finetune(args: argparse.Namespace) -> int:
         freeze_layers=args.freeze_layers,
         epochs=args.epochs,
         lr=args.lr,
-        batch_tokens=args.batch_tokens,
+        token_budget=args.batch_tokens,
         baseline=not args.no_baseline,
         device=args.device,
         random_state=args.seed,
