@@ -342,10 +342,10 @@ def test_ranking_plots_show_the_top_genes(states_data, tmp_path):
     )
     ax = sgf.pl.deletion_ranking(adata, n_top=8, show=False, save=tmp_path / "rank.png")
     labels = [t.get_text() for t in ax.get_yticklabels()]
-    shift = adata.var.set_index("gene_symbol")["in_silico_delete_shift"]
+    zscore = adata.var.set_index("gene_symbol")["in_silico_delete_zscore"]
     n = adata.var.set_index("gene_symbol")["in_silico_delete_n_cells"]
-    expected = shift[n >= 3].nlargest(8).index.tolist()
-    assert labels[::-1] == expected  # best at the top
+    expected = zscore[n >= 3].nlargest(8).index.tolist()
+    assert labels[::-1] == expected  # best at the top, by the rank-adjusted z-score
     assert (tmp_path / "rank.png").stat().st_size > 1000
     ax = sgf.pl.deletion_volcano(adata, show=False)
     assert ax.get_ylabel() == "-log10 FDR"

@@ -1,6 +1,6 @@
 """The tutorials' code paths at reduced size, their stored notebooks, and the API page's coverage.
 
-Each test replays the calls of one tutorial (tutorials/01, 03, 04) on tiny data and checks what
+Each test replays the calls of one tutorial (tutorials/01 to 05) on tiny data and checks what
 they produce; the notebooks themselves are not executed here (they are stored with outputs).
 """
 
@@ -31,6 +31,7 @@ from .test_finetune import hand_baseline
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = (
     "01_quickstart.ipynb",
+    "02_in_silico_deletion_kang.ipynb",
     "03_official_checkpoints.ipynb",
     "04_pretraining_corpus.ipynb",
     "05_classifiers.ipynb",
@@ -143,6 +144,82 @@ def test_quickstart_chain(source, tmp_path):
     assert knn_accuracy(baseline.obsm["X_pca"], adata.obs["cell_type"]) >= 0.8
     for rep in (embedding, adata.obsm["X_random_weights"]):
         assert knn_accuracy(rep, adata.obs["cell_type"]) >= largest + 0.08
+
+
+# ------------------------------------------------------------------ 02: in silico deletion
+def _notebook_function(name: str, function: str):
+    """Define a helper function of a stored notebook here, from its own source."""
+    notebook = json.loads((ROOT / "tutorials" / name).read_text(encoding="utf-8"))
+    for cell in notebook["cells"]:
+        tree = ast.parse("".join(cell["source"])) if cell["cell_type"] == "code" else None
+        for node in tree.body if tree else []:
+            if isinstance(node, ast.FunctionDef) and node.name == function:
+                namespace = {"Path": Path}
+                exec(compile(ast.Module([node], []), name, "exec"), namespace)
+                return namespace[function]
+    raise AssertionError(f"{name} defines no {function}()")
+
+
+def test_kang_deletion_chain(monkeypatch):
+    import anndata as ad
+
+    kang = shared_file("data", "kang2018_ifnb", "kang2018_harmony_ctrl_stim.h5ad")
+    # The notebook finds its data from where it runs (tutorials/), as the others do.
+    find_shared = _notebook_function("02_in_silico_deletion_kang.ipynb", "find_shared")
+    monkeypatch.chdir(ROOT / "tutorials")
+    found = find_shared("data", "kang2018_ifnb", "kang2018_harmony_ctrl_stim.h5ad")
+    assert found is not None and found.resolve() == kang.resolve()
+
+    adata = ad.read_h5ad(kang)
+    adata = adata[np.r_[0:120, 1000:1120]].copy()  # control and stimulated cells
+    assert set(adata.obs["condition"]) == {"ctrl", "stim"}
+    vocab = sgf.Vocabulary.build(adata, max_length=64, min_cells=10, name="kang")
+    sgf.pp.rank_tokenize(adata, vocab)
+    model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **TINY)
+    clf = sgf.tl.finetune(
+        adata,
+        model,
+        label_key="condition",
+        epochs=1,
+        lr=1e-3,
+        token_budget=2048,
+        early_stopping_patience=None,
+        random_state=0,
+    )
+    assert {"accuracy", "macro_f1"} <= set(adata.uns["condition_finetune"]["baseline"])
+    _, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    sgf.pl.loss_curve(clf, ax=axes[0], show=False)
+    sgf.pl.confusion_matrix(adata, "condition", ax=axes[1], show=False)
+    plt.close("all")
+
+    screen = dict(state_key="condition", max_cells=4, emb_layer=0, random_state=0)
+    sgf.tl.in_silico_delete(
+        adata, clf, start_state="stim", goal_state="ctrl", min_cells=2, **screen
+    )
+    assert adata.uns["in_silico_delete"]["n_perturbations"] > 100
+    tested = adata.var[adata.var["in_silico_delete_n_cells"] >= 2]
+    top = tested.sort_values("in_silico_delete_zscore", ascending=False).index[:10]
+    ax = sgf.pl.deletion_ranking(adata, n_top=10, show=False)
+    assert [t.get_text() for t in ax.get_yticklabels()][::-1] == top.tolist()
+    assert ax.get_title(loc="left") == "Genes whose deletion moves stim cells toward ctrl"
+    sgf.pl.deletion_volcano(adata, show=False)
+    plt.close("all")
+
+    isgs = [
+        g
+        for g in ["ISG15", "IFI6", "IFIT1", "IFIT3", "MX1", "ISG20", "IFITM3"]
+        if g in tested.index
+    ]
+    others = tested.index[~tested.index.isin(isgs)].to_series().sample(5, random_state=0).tolist()
+    sgf.tl.in_silico_overexpress(
+        adata, clf, start_state="ctrl", goal_state="stim", genes=isgs + others, **screen
+    )
+    over = adata.var.loc[isgs + others]
+    assert (over["in_silico_overexpress_n_cells"] == 4).all()  # moved or inserted in every cell
+    assert over["in_silico_overexpress_zscore"].notna().all()
+    ax = sgf.pl.deletion_ranking(adata, "in_silico_overexpress", show=False)
+    assert ax.get_title(loc="left").startswith("Genes whose overexpression moves ctrl cells")
+    plt.close("all")
 
 
 # ------------------------------------------------------------------ 03: official checkpoints

@@ -60,14 +60,30 @@ def gene_names(adata: AnnData, gene_key: str | None) -> pd.Index:
     return pd.Index(adata.var[gene_key].astype(str))
 
 
-def describe_mismatch(names: pd.Index, vocab_examples: Iterable[str], gene_key: str | None) -> str:
-    """Explain why no gene matched: examples of both sides and what to try."""
+def describe_mismatch(
+    names: pd.Index, vocab_examples: Iterable[str], gene_key: str | None, *, has_cls: bool
+) -> str:
+    """Explain why no gene matched: examples of both sides and what to try, in Python and CLI.
+
+    ``has_cls`` tells the dictionary generation (V2 vocabularies have ``<cls>``), so the
+    symbol mapping suggested is the one that fits: ``gene_name_id_dict_gc30M.pkl`` for V1,
+    ``gene_name_id_dict_gc104M.pkl`` for V2.
+
+    Examples
+    --------
+    >>> text = describe_mismatch(pd.Index(["CD3E"]), ["ENSG00000000003"], None, has_cls=False)
+    >>> "--mapping-dict gene_name_id_dict_gc30M.pkl" in text
+    True
+    """
     ours = ", ".join(map(str, list(names[:3])))
     theirs = ", ".join(list(vocab_examples)[:3])
     source = "adata.var_names" if gene_key is None else f"adata.var[{gene_key!r}]"
+    mapping = f"gene_name_id_dict_{'gc104M' if has_cls else 'gc30M'}.pkl"
     hint = (
-        "If the Ensembl IDs are in a column of adata.var, pass gene_key='that_column'; "
-        "if the genes are symbols, give the vocabulary a symbol-to-Ensembl mapping "
-        "(Vocabulary.from_geneformer(..., mapping_dict='gene_name_id_dict_gc104M.pkl'))."
+        "If the Ensembl IDs are in a column of adata.var, pass gene_key='that_column' "
+        "(on the command line: --gene-key COLUMN); if the genes are symbols, give the "
+        "vocabulary the symbol-to-Ensembl mapping of its Geneformer generation "
+        f"(Vocabulary.from_geneformer(..., mapping_dict={mapping!r}); on the command line: "
+        f"--mapping-dict {mapping})."
     )
     return f"{source} look like [{ours}], the vocabulary's genes like [{theirs}]. {hint}"

@@ -1,9 +1,28 @@
-"""``scgeneformer embed`` and ``scgeneformer delete``: the two tools most runs end in, on files."""
+"""``scgeneformer embed``, ``delete`` and ``overexpress``: the tools most runs end in, on files."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+
+def load_model(folder: str | Path):
+    """Load a saved model folder as what it holds: a classifier, or an encoder.
+
+    Examples
+    --------
+    >>> clf = load_model("demo_out/classifier")  # doctest: +SKIP
+    """
+    from .model import Geneformer, GeneformerClassifier
+    from .model._classifier import ARCHITECTURES
+    from .model._hf_folder import CONFIG_NAME, read_json
+
+    config = Path(folder) / CONFIG_NAME
+    if config.is_file():
+        architectures = read_json(config, "Model config").get("architectures") or []
+        if set(architectures) & set(ARCHITECTURES.values()):
+            return GeneformerClassifier.from_pretrained(folder)
+    return Geneformer.from_pretrained(folder)
 
 
 def _read_cells(args: argparse.Namespace):
@@ -13,10 +32,9 @@ def _read_cells(args: argparse.Namespace):
     """
     import anndata as ad
 
-    from .model import Geneformer
     from .pp import rank_tokenize
 
-    model = Geneformer.from_pretrained(args.model)
+    model = load_model(args.model)
     adata = ad.read_h5ad(args.input)
     if "geneformer_tokens" not in adata.obsm:
         # The tools would tokenize X themselves; this passes the counts layer and gene key.
@@ -43,11 +61,13 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delete(args: argparse.Namespace) -> int:
-    from .tl import in_silico_delete
+def _screen(args: argparse.Namespace) -> int:
+    from . import tl
+    from ._screen_table import screen_table
 
     adata, model = _read_cells(args)
-    in_silico_delete(
+    tool = getattr(tl, args.tool)
+    tool(
         adata,
         model,
         state_key=args.state_key,
@@ -64,14 +84,13 @@ def _delete(args: argparse.Namespace) -> int:
         random_state=args.seed,
     )
     adata.write_h5ad(args.output)
-    columns = [c for c in adata.var.columns if c.startswith(f"{args.key_added}_")]
-    table = adata.var[columns].dropna(subset=[f"{args.key_added}_zscore"])
-    table = table.sort_values(f"{args.key_added}_zscore", ascending=False)
+    table = screen_table(adata, args.key_added)
     if args.table is not None:
-        table.to_csv(args.table)
-    top = ", ".join(map(str, table.index[: min(10, len(table))]))
+        table.to_csv(args.table, index_label="var_name")
+    tested = table[table["tested"]]
+    top = ", ".join(map(str, tested.index[: min(10, len(tested))]))
     print(
-        f"{len(table):,} genes ranked over {adata.uns[args.key_added]['n_start_cells']} "
+        f"{len(tested):,} genes ranked over {adata.uns[args.key_added]['n_start_cells']} "
         f"'{args.start}' cells -> {args.output}"
         + ("" if args.table is None else f" and {args.table}")
         + f"; top by z-score: {top}"
@@ -82,9 +101,11 @@ def _delete(args: argparse.Namespace) -> int:
 def _common_options(command: argparse.ArgumentParser, what: str) -> None:
     command.add_argument("input", help="h5ad with raw counts, or already tokenized")
     command.add_argument("output", help=f"h5ad to write, with {what}")
-    command.add_argument("--model", required=True, help="a saved model folder")
     command.add_argument(
-        "--layer", type=int, default=-1, help="layer read: -1 second-to-last (default), 0 last"
+        "--model", required=True, help="a saved model or classifier folder (HF layout)"
+    )
+    command.add_argument(
+        "--layer", type=int, default=-1, help="layer read: -1 the second-to-last, 0 the last"
     )
     command.add_argument(
         "--counts-layer", help="layer of raw counts when the file is not tokenized yet"
@@ -94,7 +115,7 @@ def _common_options(command: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``embed`` and ``delete`` to the ``scgeneformer`` command line.
+    """Add ``embed``, ``delete`` and ``overexpress`` to the ``scgeneformer`` command line.
 
     Examples
     --------
@@ -107,24 +128,40 @@ def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
         "embed", help="cell (and gene) embeddings of an h5ad file into obsm (varm)"
     )
     _common_options(embed, "obsm[KEY_ADDED]")
-    embed.add_argument("--key-added", default="X_geneformer")
-    embed.add_argument("--pooling", default="mean", choices=("mean", "cls"))
+    embed.add_argument("--key-added", default="X_geneformer", help="obsm key of the embedding")
+    embed.add_argument(
+        "--pooling", default="mean", choices=("mean", "cls"), help="mean of genes, or <cls>"
+    )
     embed.add_argument("--genes", action="store_true", help="also gene embeddings into varm")
     embed.set_defaults(run=_embed)
 
-    delete = subparsers.add_parser(
-        "delete", help="in silico deletion screen: genes ranked by the shift toward a goal state"
+    for command, action in (("delete", "deletion"), ("overexpress", "overexpression")):
+        _add_screen_command(subparsers, command, action)
+
+
+def _add_screen_command(subparsers: argparse._SubParsersAction, command: str, action: str) -> None:
+    screen = subparsers.add_parser(
+        command,
+        help=f"in silico {action} screen: genes ranked by the shift toward a goal state",
+        description=f"In silico {action} of every gene (or --genes) in start-state cells, "
+        "ranked by the rank-adjusted z-score of the shift toward the goal state. Screen with "
+        "the classifier from `scgeneformer finetune --label-key STATE_KEY` (a pretrained "
+        "model gets a warning).",
     )
-    _common_options(delete, "the var columns of the screen")
-    delete.add_argument("--state-key", required=True, help="obs column of cell states")
-    delete.add_argument("--start", required=True, help="state whose cells lose genes")
-    delete.add_argument("--goal", required=True, help="state to move toward")
-    delete.add_argument("--alt", nargs="*", default=[], help="other states to measure")
-    delete.add_argument("--genes", nargs="+", help="genes to delete (default: every gene)")
-    delete.add_argument("--max-cells", type=int, help="start cells to screen at most")
-    delete.add_argument("--min-cells", type=int, default=3, help="cells a gene needs to be tested")
-    delete.add_argument("--key-added", default="in_silico_delete")
-    delete.add_argument("--per-cell", action="store_true", help="also the per-cell layer")
-    delete.add_argument("--table", type=Path, help="CSV of the ranked genes")
-    delete.add_argument("--seed", type=int, default=0, help="which cells --max-cells picks")
-    delete.set_defaults(run=_delete)
+    _common_options(screen, "the var columns of the screen")
+    screen.add_argument("--state-key", required=True, help="obs column of cell states")
+    screen.add_argument("--start", required=True, help="state whose cells are perturbed")
+    screen.add_argument("--goal", required=True, help="state to move toward")
+    screen.add_argument("--alt", nargs="*", default=[], help="other states to measure")
+    screen.add_argument("--genes", nargs="+", help="genes to perturb (default: every gene)")
+    screen.add_argument("--max-cells", type=int, help="start cells to screen at most")
+    screen.add_argument(
+        "--min-cells", type=int, default=3, help="cells a gene needs to be tested and ranked"
+    )
+    screen.add_argument("--key-added", default=f"in_silico_{command}", help="prefix of the slots")
+    screen.add_argument("--per-cell", action="store_true", help="also the per-cell layer")
+    screen.add_argument(
+        "--table", type=Path, help="CSV of the genes, by z-score; untested genes last"
+    )
+    screen.add_argument("--seed", type=int, default=0, help="which cells --max-cells picks")
+    screen.set_defaults(run=_screen, tool=f"in_silico_{command}")

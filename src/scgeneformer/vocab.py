@@ -127,8 +127,13 @@ class Vocabulary:
         *,
         name: str | None = None,
         max_length: int | None = None,
+        repo_id: str | None = None,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
     ) -> Vocabulary:
-        """Read the official Geneformer dictionaries.
+        """Read the official Geneformer dictionaries, from files or from the hub.
 
         The pickles are read through a restricted unpickler that admits only dicts of strings
         and numbers; anything else is refused. V1 (``<pad>`` = 0, ``<mask>`` = 1) and V2 (adds
@@ -149,6 +154,15 @@ class Vocabulary:
             Defaults to ``geneformer-v1`` or ``geneformer-v2``.
         max_length
             Defaults to the official model input sizes: 2,048 (V1) and 4,096 (V2).
+        repo_id
+            A Hugging Face repository (e.g. the official ``ctheodoris/Geneformer``): the
+            dictionaries are then file names in it (in ``subfolder``), fetched through
+            ``huggingface_hub`` (``pip install 'scgeneformer[hub]'``) into its cache. Without
+            it nothing is downloaded.
+        subfolder, revision, cache_dir, local_files_only
+            As in ``huggingface_hub.hf_hub_download``: the folder in the repository (e.g.
+            ``geneformer``), a branch, tag or commit, the cache folder, and offline use of
+            the cache only (also ``HF_HUB_OFFLINE=1``).
 
         Returns
         -------
@@ -161,7 +175,27 @@ class Vocabulary:
         ...     "gene_median_dictionary_gc104M.pkl",
         ...     "ensembl_mapping_dict_gc104M.pkl",
         ... )  # doctest: +SKIP
+        >>> vocab = sgf.Vocabulary.from_geneformer(
+        ...     "token_dictionary_gc104M.pkl",
+        ...     "gene_median_dictionary_gc104M.pkl",
+        ...     repo_id="ctheodoris/Geneformer",
+        ...     subfolder="geneformer",
+        ... )  # doctest: +SKIP
         """
+        if repo_id is not None:
+            from ._hub import HubOptions, hub_file
+
+            options = HubOptions(revision, cache_dir, local_files_only)
+
+            def fetch(source):
+                if isinstance(source, Mapping):
+                    return source
+                if isinstance(source, str | os.PathLike):
+                    return hub_file(repo_id, str(source), subfolder, options)
+                return [fetch(s) for s in source]
+
+            token_dict, median_dict = fetch(token_dict), fetch(median_dict)
+            mapping_dict = None if mapping_dict is None else fetch(mapping_dict)
         tokens = _as_dict(token_dict, "token dictionary")
         special = {k: int(v) for k, v in tokens.items() if k.startswith("<") and k.endswith(">")}
         genes = {k: int(v) for k, v in tokens.items() if k not in special}

@@ -1,5 +1,6 @@
 """Data plumbing: token-budget batching and packing, the on-disk token store, masking."""
 
+from ._arrow_writer import write_arrow_dataset
 from ._batching import pack_tokens, restore_order, token_budget_batches
 from ._masking import GeneMasker, MaskedBatch
 from ._sources import read_arrow_dataset
@@ -14,4 +15,5 @@ __all__ = [
     "read_arrow_dataset",
     "restore_order",
     "token_budget_batches",
+    "write_arrow_dataset",
 ]

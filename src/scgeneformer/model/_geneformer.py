@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._hub import HubOptions, hub_folder, is_repo_id
 from ..vocab import Vocabulary
 from . import _hf_folder as ckpt
 from ._attention import PackedAttention, PaddedAttention, key_padding_bias, packed_positions
@@ -158,9 +159,16 @@ class Geneformer(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | os.PathLike, vocab: Vocabulary | None = None
+        cls,
+        folder: str | os.PathLike,
+        vocab: Vocabulary | None = None,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
     ) -> Geneformer:
-        """Load a checkpoint folder in the Hugging Face layout.
+        """Load a checkpoint folder in the Hugging Face layout, local or from the hub.
 
         Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, only
         through ``torch.load(weights_only=True)``). Official Geneformer folders and
@@ -176,6 +184,16 @@ class Geneformer(nn.Module):
             The vocabulary. By default it is read from the folder: ``vocab.json`` (written by
             :meth:`save`), else the official ``token_dictionary*.pkl`` and
             ``gene_median_dictionary*.pkl`` (and ``ensembl_mapping_dict*.pkl`` if present).
+            The official model folders hold none: pass the vocabulary of their generation.
+        subfolder
+            The model folder inside ``folder`` or inside a hub repository (e.g.
+            ``"Geneformer-V2-104M"``).
+        revision, cache_dir, local_files_only
+            With a hub repository id as ``folder`` (e.g. the official
+            ``"ctheodoris/Geneformer"``), as in ``huggingface_hub.snapshot_download`` (``pip
+            install 'scgeneformer[hub]'``): a branch, tag or commit, the cache folder, and
+            offline use of the cache only (also ``HF_HUB_OFFLINE=1``). Only ``subfolder``'s
+            files are fetched. A local path is never looked up on the hub.
 
         Returns
         -------
@@ -184,7 +202,15 @@ class Geneformer(nn.Module):
         Examples
         --------
         >>> model = sgf.Geneformer.from_pretrained("Geneformer-V2-104M")  # doctest: +SKIP
+        >>> model = sgf.Geneformer.from_pretrained(
+        ...     "ctheodoris/Geneformer", vocab, subfolder="Geneformer-V2-104M"
+        ... )  # doctest: +SKIP
         """
+        if is_repo_id(folder):
+            options = HubOptions(revision, cache_dir, local_files_only)
+            folder = hub_folder(str(folder), subfolder, options)
+        elif subfolder is not None:
+            folder = Path(folder) / subfolder
         return cls._load_folder(folder, vocab)[0]
 
     @classmethod

@@ -11,37 +11,37 @@ from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 
+from .._screen_table import screen_table, screen_title
 from ._utils import finish, new_axes
 
-
-def _screen_table(
-    adata: AnnData, key: str, gene_symbols: str | None, min_cells: int
-) -> pd.DataFrame:
-    column = f"{key}_shift"
-    if column not in adata.var.columns:
-        raise KeyError(
-            f"adata.var has no {column!r}; run sgf.tl.in_silico_delete (or _overexpress) with "
-            f"key_added={key!r} first."
-        )
-    if gene_symbols is not None and gene_symbols not in adata.var.columns:
-        raise KeyError(f"gene_symbols={gene_symbols!r} is not a column of adata.var.")
-    labels = adata.var[gene_symbols] if gene_symbols is not None else adata.var_names
-    table = pd.DataFrame(
-        {
-            "gene": np.asarray(labels, dtype=str),
-            "shift": adata.var[column].to_numpy(),
-            "fdr": adata.var[f"{key}_fdr"].to_numpy(),
-            "n_cells": adata.var[f"{key}_n_cells"].to_numpy(),
-        }
-    )
-    table = table[table["shift"].notna() & (table["n_cells"] >= min_cells)]
-    if table.empty:
-        raise ValueError(f"No gene of the screen {key!r} was perturbed in {min_cells}+ cells.")
-    return table
+_AXIS_LABELS = {
+    "zscore": "rank-adjusted z-score (toward the goal)",
+    "shift": "mean shift toward the goal (cosine)",
+}
 
 
 def _default_symbols(adata: AnnData) -> str | None:
+    """The ``var`` column of gene symbols when there is one (``"gene_symbol"``)."""
     return "gene_symbol" if "gene_symbol" in adata.var.columns else None
+
+
+def _tested(
+    adata: AnnData, key: str, sort_by: str, min_cells: int | None, gene_symbols: str | None
+) -> pd.DataFrame:
+    symbols = _default_symbols(adata) if gene_symbols == "auto" else gene_symbols
+    table = screen_table(adata, key, sort_by=sort_by, min_cells=min_cells, gene_symbols=symbols)
+    tested = table[table["tested"]]
+    if tested.empty:
+        needed = adata.uns.get(key, {}).get("min_cells", 3) if min_cells is None else min_cells
+        raise ValueError(
+            f"No gene of the screen {key!r} was perturbed in {needed}+ cells; screen more cells "
+            "(max_cells) or lower min_cells."
+        )
+    return tested
+
+
+def _minus_log10(fdr: pd.Series) -> np.ndarray:
+    return -np.log10(np.clip(fdr.fillna(1.0).to_numpy(), 1e-300, 1.0))
 
 
 def deletion_ranking(
@@ -49,7 +49,8 @@ def deletion_ranking(
     key: str = "in_silico_delete",
     *,
     n_top: int = 20,
-    min_cells: int = 3,
+    sort_by: str = "zscore",
+    min_cells: int | None = None,
     gene_symbols: str | None = "auto",
     ax: Axes | None = None,
     show: bool | None = None,
@@ -57,19 +58,24 @@ def deletion_ranking(
 ) -> Axes | None:
     """Bar chart of the genes whose perturbation moves cells most toward the goal state.
 
-    Bars give each gene's mean shift, coloured by -log10 FDR, labelled with the cells it was
-    perturbed in.
+    Genes are ranked by the rank-adjusted z-score (each gene against the other genes perturbed
+    at nearby ranks in the same cells); bars are coloured by -log10 FDR, and the right-hand
+    labels give the cells each gene was perturbed in.
 
     Parameters
     ----------
     adata
-        AnnData with the results of :func:`~scgeneformer.tl.in_silico_delete`.
+        AnnData with the results of :func:`~scgeneformer.tl.in_silico_delete` (or
+        ``in_silico_overexpress``).
     key
         The screen's ``key_added``.
     n_top
         Genes to show.
+    sort_by
+        ``"zscore"`` (default) or ``"shift"``, the raw mean shift, which mostly restates how
+        highly a gene ranks in its cells.
     min_cells
-        Leave out genes perturbed in fewer cells (their mean shift is noise).
+        Leave out genes perturbed in fewer cells; default the screen's own ``min_cells``.
     gene_symbols
         Column of ``var`` to label genes with; ``"auto"`` uses ``gene_symbol`` if present.
     ax, show, save
@@ -81,23 +87,32 @@ def deletion_ranking(
 
     Examples
     --------
-    >>> sgf.tl.in_silico_delete(adata, model, state_key="state", start_state="disease",
-    ...                         goal_state="healthy")  # doctest: +SKIP
+    >>> sgf.tl.in_silico_delete(adata, clf, state_key="condition", start_state="stim",
+    ...                         goal_state="ctrl")  # doctest: +SKIP
     >>> sgf.pl.deletion_ranking(adata, n_top=15)  # doctest: +SKIP
     """
-    symbols = _default_symbols(adata) if gene_symbols == "auto" else gene_symbols
-    table = _screen_table(adata, key, symbols, min_cells)
-    top = table.nlargest(n_top, "shift").iloc[::-1]
-    ax = new_axes(ax, (6, 0.3 * len(top) + 1.2))
-    strength = -np.log10(np.clip(top["fdr"].fillna(1.0).to_numpy(), 1e-300, 1.0))
+    top = _tested(adata, key, sort_by, min_cells, gene_symbols).head(n_top).iloc[::-1]
+    ax = new_axes(ax, (6.5, 0.28 * len(top) + 1.6))
+    strength = _minus_log10(top["fdr"])
     scale = ScalarMappable(Normalize(0, max(strength.max(), 1.0)), cmap="viridis")
-    ax.barh(top["gene"], top["shift"], color=scale.to_rgba(strength))
-    ax.figure.colorbar(scale, ax=ax, label="-log10 FDR")
-    for y, (shift, n) in enumerate(zip(top["shift"], top["n_cells"], strict=True)):
-        ax.annotate(f" {int(n)} cells", (shift, y), va="center", fontsize=7)
+    y = np.arange(len(top))
+    ax.barh(y, top[sort_by], color=scale.to_rgba(strength))
+    ax.set_yticks(y, top["gene"], fontsize=9)
+    ax.set_ylim(-0.6, len(top) - 0.4)
     ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlabel("mean shift toward goal (cosine)")
-    ax.set_title(f"top {len(top)} genes: {key}")
+    ax.set_xlabel(_AXIS_LABELS[sort_by])
+    ax.set_title(screen_title(adata, key), fontsize=10, loc="left")
+    # Cells per gene as labels of a right-hand axis: outside the bars, never clipped.
+    cells = ax.twinx()
+    cells.set_ylim(ax.get_ylim())
+    cells.set_yticks(y, [f"{n} cells" for n in top["n_cells"]], fontsize=8, color="dimgrey")
+    cells.tick_params(right=False)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+        cells.spines[side].set_visible(False)
+    # Past the cell-count labels (about an inch at their font size).
+    pad = 1.0 / ax.figure.get_size_inches()[0]
+    ax.figure.colorbar(scale, ax=[ax, cells], label="-log10 FDR", pad=pad, fraction=0.04)
     return finish(ax, show, save)
 
 
@@ -106,7 +121,7 @@ def deletion_volcano(
     key: str = "in_silico_delete",
     *,
     n_labels: int = 10,
-    min_cells: int = 3,
+    min_cells: int | None = None,
     fdr_threshold: float = 0.05,
     gene_symbols: str | None = "auto",
     ax: Axes | None = None,
@@ -120,7 +135,7 @@ def deletion_volcano(
     adata, key, min_cells, gene_symbols, ax, show, save
         As in :func:`deletion_ranking`.
     n_labels
-        Label this many genes with the largest shift among those below ``fdr_threshold``.
+        Label this many genes, the first by z-score among those below ``fdr_threshold``.
     fdr_threshold
         Draws a line there and colours the genes below it.
 
@@ -132,11 +147,10 @@ def deletion_volcano(
     --------
     >>> sgf.pl.deletion_volcano(adata)  # doctest: +SKIP
     """
-    symbols = _default_symbols(adata) if gene_symbols == "auto" else gene_symbols
-    table = _screen_table(adata, key, symbols, min_cells)
-    significance = -np.log10(np.clip(table["fdr"].fillna(1.0).to_numpy(), 1e-300, 1.0))
+    table = _tested(adata, key, "zscore", min_cells, gene_symbols)
+    significance = _minus_log10(table["fdr"])
     hit = table["fdr"].to_numpy() < fdr_threshold
-    ax = new_axes(ax, (5.5, 4.5))
+    ax = new_axes(ax, (6, 4.5))
     ax.scatter(table["shift"][~hit], significance[~hit], s=6, color="lightgrey", label="other")
     ax.scatter(
         table["shift"][hit],
@@ -147,12 +161,22 @@ def deletion_volcano(
     )
     ax.axhline(-np.log10(fdr_threshold), color="grey", ls="--", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
-    labelled = table[hit].nlargest(n_labels, "shift")
+    labelled = table[hit].head(n_labels)  # already in z-score order
     for gene, shift, fdr in zip(labelled["gene"], labelled["shift"], labelled["fdr"], strict=True):
-        ax.annotate(gene, (shift, -np.log10(max(fdr, 1e-300))), fontsize=7)
-    ax.set_xlabel("mean shift toward goal (cosine)")
+        ax.annotate(
+            gene,
+            (shift, -np.log10(max(fdr, 1e-300))),
+            xytext=(3, 2),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    ax.set_xlabel(_AXIS_LABELS["shift"])
     ax.set_ylabel("-log10 FDR")
-    ax.legend(frameon=False, fontsize=8)
+    ax.set_title(screen_title(adata, key), fontsize=10, loc="left")
+    ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost genes
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
     return finish(ax, show, save)
 
 

@@ -97,26 +97,33 @@ def loss_curve(
     if evaluation:
         twin = ax.twinx()
         steps = [r["step"] for r in evaluation]
-        twin.plot(
-            steps,
-            [r[score] for r in evaluation],
-            color="C1",
-            marker="o",
-            label=score_label,
-        )
+        scores = [r[score] for r in evaluation]
+        twin.plot(steps, scores, color="C1", marker="o", label=score_label)
         if all("frequency_baseline" in r for r in evaluation):
+            baseline = [r["frequency_baseline"] for r in evaluation]
             twin.plot(
-                steps,
-                [r["frequency_baseline"] for r in evaluation],
-                color="C1",
-                linestyle=":",
-                label="most frequent gene",
+                steps, baseline, color="C1", linestyle=":", marker=".", label="most frequent gene"
             )
-        twin.set_ylabel(score_label)
-        twin.set_ylim(0, 1)
+            scores = scores + baseline
+        twin.set_ylabel(score_label, color="C1")
+        twin.tick_params(axis="y", colors="C1")
+        # From 0 to a little above the best score, so that a low accuracy and its baseline
+        # are both readable instead of sitting on the floor of a 0-1 axis.
+        top = max([s for s in scores if s == s] or [1.0])
+        top = min(1.0, 1.15 * top) if top > 0 else 1.0
+        twin.set_ylim(-0.03 * top, top)  # a score of 0 stays a whole marker
         more_handles, more_labels = twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    ax.legend(handles, labels, loc="center right", frameon=False)
+    # Above the plot, out of the data's way.
+    ax.legend(
+        handles,
+        labels,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=len(labels),
+        frameon=False,
+        fontsize=8,
+    )
     return finish(ax, show, save)
 
 

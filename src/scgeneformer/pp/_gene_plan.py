@@ -62,13 +62,14 @@ def plan_genes(names: pd.Index, vocab: Vocabulary, *, gene_key: str | None) -> G
     if n_mapped == 0:
         raise ValueError(
             f"None of the {len(names):,} genes matches the vocabulary {vocab.name!r} "
-            f"({vocab.n_genes:,} genes). " + describe_mismatch(names, vocab.genes, gene_key)
+            f"({vocab.n_genes:,} genes). "
+            + describe_mismatch(names, vocab.genes, gene_key, has_cls=vocab.has_cls)
         )
     if n_mapped < LOW_MATCH_FRACTION * len(names):
         warnings.warn(
             f"Only {n_mapped:,} of {len(names):,} genes ({n_mapped / len(names):.1%}) match the "
             f"vocabulary {vocab.name!r}; cells will be ranked on those genes alone. "
-            + describe_mismatch(names[~mapped], vocab.genes, gene_key),
+            + describe_mismatch(names[~mapped], vocab.genes, gene_key, has_cls=vocab.has_cls),
             UserWarning,
             stacklevel=3,
         )

@@ -11,6 +11,8 @@ kernels, per row, into a small table indexed by that shared slot.
 
 from __future__ import annotations
 
+import sys
+
 import numba
 import numpy as np
 
@@ -87,6 +89,31 @@ def scan_rows(
     return totals, bad_code, bad_value, n_genes
 
 
+def _kernels_compiled() -> bool:
+    return bool(scan_rows.signatures or rank_rows.signatures)
+
+
+def announce_first_use() -> None:
+    """Say, once per process, that the kernels compile before their first call.
+
+    Numba compiles them on first use after installation (then loads them from its cache), so
+    the first tokenization pauses for a while; one line on stderr says why.
+    """
+    if _kernels_compiled() or getattr(announce_first_use, "done", False):
+        return
+    announce_first_use.done = True
+    from tqdm.auto import tqdm
+
+    from .._settings import settings
+
+    if settings.progress:  # through tqdm, so that it does not break a progress bar's line
+        tqdm.write(
+            "scgeneformer: preparing the tokenizer's numba kernels (compiled on first use "
+            "after installation, then cached) ...",
+            file=sys.stderr,
+        )
+
+
 def row_totals_checked(chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row sums and count checks of a CSR matrix: :func:`scan_rows` with no vocabulary.
 
@@ -97,6 +124,7 @@ def row_totals_checked(chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     >>> totals.tolist(), bad_code.tolist()
     ([3.0, 0.0], [0, 3])
     """
+    announce_first_use()
     no_tokens = np.full(chunk.shape[1], -1, dtype=np.int64)
     totals, bad_code, bad_value, _ = scan_rows(
         chunk.indptr, chunk.indices, chunk.data, no_tokens, no_tokens, 0, 0

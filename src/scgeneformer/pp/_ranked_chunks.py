@@ -15,7 +15,7 @@ from .._settings import settings
 from ..vocab import Vocabulary
 from ._chunks import CountSource, iter_csr_chunks
 from ._gene_plan import GenePlan
-from ._rank_kernel import BAD_NEGATIVE, BAD_NONFINITE, rank_rows, scan_rows
+from ._rank_kernel import BAD_NEGATIVE, BAD_NONFINITE, announce_first_use, rank_rows, scan_rows
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ def rank_chunk(
     Returns the ranked tokens and, for error reporting, the per-row bad-value code and value.
     ``totals`` overrides the cell totals (default: the sum over all genes of each cell).
     """
+    announce_first_use()
     row_sums, bad_code, bad_value, counts = scan_rows(
         chunk.indptr,
         chunk.indices,

@@ -19,9 +19,10 @@ from .._docs import (
     doc_token_budget,
 )
 from .._slots import n_tokens_slot, table_to_var, var_tokens
-from ..model import Geneformer
+from ..model import Geneformer, GeneformerClassifier
 from ..train._optim import resolve_device_dtype
 from ._inference import check_pooling, encode_cells, hidden_layer_index
+from ._model_arg import encoder_of
 from ._tokens import cell_tokens
 
 
@@ -36,7 +37,7 @@ from ._tokens import cell_tokens
 )
 def embed(
     adata: AnnData,
-    model: Geneformer,
+    model: Geneformer | GeneformerClassifier,
     *,
     key_added: str = "X_geneformer",
     emb_layer: int = -1,
@@ -58,7 +59,9 @@ def embed(
     ----------
     {adata}
     model
-        A :class:`~scgeneformer.Geneformer`; tokens made with another vocabulary are refused.
+        A :class:`~scgeneformer.Geneformer`, or a
+        :class:`~scgeneformer.GeneformerClassifier` (its encoder is used); tokens made with
+        another vocabulary are refused.
     key_added
         Where the cell embeddings go in ``obsm`` (and gene embeddings in ``varm``).
     {emb_layer}
@@ -86,6 +89,7 @@ def embed(
     >>> sgf.tl.embed(adata, model)
     >>> sc.pp.neighbors(adata, use_rep="X_geneformer")
     """
+    model = encoder_of(model)
     hidden_layer_index(model, emb_layer)  # refuse bad arguments before touching adata
     check_pooling(model, pooling)
     target = adata.copy() if copy else adata

@@ -23,6 +23,7 @@ from ..train._finetune_loop import TRAIN_BUDGET_SHARE, FitOptions
 from ..train._optim import resolve_device_dtype
 from ._finetune_cells import finetune_cells
 from ._finetune_genes import finetune_genes
+from ._model_arg import encoder_of
 from ._splits import check_fraction
 
 
@@ -106,7 +107,7 @@ def fitting_options(
 @renamed_keywords(batch_tokens="token_budget")
 def finetune(
     adata: AnnData,
-    model: Geneformer,
+    model: Geneformer | GeneformerClassifier,
     *,
     label_key: str,
     task: Literal["cell", "gene"] = "cell",
@@ -164,7 +165,8 @@ def finetune(
     adata
         Cells by genes: raw counts (for tokens and the baseline) and labels.
     model
-        The pretrained :class:`~scgeneformer.Geneformer` to start from.
+        The pretrained :class:`~scgeneformer.Geneformer` to start from (or a classifier,
+        whose encoder is the start).
     label_key
         Cells: the ``obs`` column of labels. Genes: the name of the results (and the ``var``
         column of labels when ``gene_labels`` is None).
@@ -290,6 +292,7 @@ def finetune(
     0.93
     >>> sgf.pl.confusion_matrix(adata, "state")  # doctest: +SKIP
     """
+    model = encoder_of(model)  # a classifier is fine-tuned again from its encoder
     _check_training_args(
         model,
         task=task,
