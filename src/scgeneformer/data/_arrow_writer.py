@@ -68,7 +68,7 @@ def write_arrow_dataset(
     Examples
     --------
     >>> import scgeneformer as sgf
-    >>> adata = sgf.datasets.synthetic_states(n_cells=20, n_genes=80, random_state=0)
+    >>> adata = sgf.datasets.synthetic_states(n_cells=20, n_genes=200, random_state=0)
     >>> sgf.pp.rank_tokenize(adata, sgf.Vocabulary.build(adata))  # doctest: +SKIP
     >>> sgf.data.write_arrow_dataset(adata, "cells.dataset", obs_keys=["state"])  # doctest: +SKIP
     """

@@ -21,7 +21,7 @@ _AXIS_LABELS = {
 
 
 def _default_symbols(adata: AnnData) -> str | None:
-    """The ``var`` column of gene symbols when there is one (``"gene_symbol"``)."""
+    """Return the ``var`` column of gene symbols when there is one (``"gene_symbol"``)."""
     return "gene_symbol" if "gene_symbol" in adata.var.columns else None
 
 
