@@ -6,6 +6,7 @@ Rank-value tokenization (:mod:`scgeneformer.pp`), the Geneformer encoder
 """
 
 from . import datasets, pl, pp, tl
+from ._env import show_versions
 from ._settings import settings
 from ._version import __version__
 from .model import Geneformer, GeneformerClassifier, GeneformerConfig
@@ -21,5 +22,6 @@ __all__ = [
     "pl",
     "pp",
     "settings",
+    "show_versions",
     "tl",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``scgeneformer demo | tokenize | pretrain | embed | delete``."""
+"""Command line: ``scgeneformer demo | tokenize | pretrain | embed | delete | env``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis_cli import add_analysis_commands
+from .env_cli import add_env_command
 from .pretrain_cli import add_pretrain_command
 
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pretrain_command(commands)
     add_analysis_commands(commands)
+    add_env_command(commands)
     return parser
 
 

@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from anndata import AnnData
 
 from .._deprecation import renamed_keywords
+from .._plan import ExecutionPlan, execution_plan
 from .._progress import progress_bar
 from .._settings import settings
 from .._slots import positions_of, token_values_to_var, var_tokens
 from ..model import Geneformer
 from ..train._distributed import setup_distributed
-from ..train._optim import autocast, resolve_device_dtype
+from ._compiled import EncoderRunner
 from ._inference import check_pooling, encode_cells, hidden_layer_index, inference_on
 from ._perturb_stats import gene_statistics
 from ._tokens import cell_tokens
@@ -127,12 +128,13 @@ def _run_screen(
     *,
     layer_index: int,
     pooling: str,
-    device: torch.device,
-    dtype: torch.dtype,
+    plan: ExecutionPlan,
     token_budget: int,
 ) -> pd.DataFrame:
     """One row per (cell, perturbed gene): cell, token, position and scores."""
     vocab = model.vocab
+    device = plan.device
+    run = EncoderRunner(model, plan)
     lead = 1 if vocab.has_cls else 0
     trail = lead
     special = torch.tensor(list(vocab.special_tokens.values()), device=device)
@@ -147,13 +149,13 @@ def _run_screen(
         per_batch = max(1, token_budget // batch.shape[1])
         for start in range(0, batch.shape[0], per_batch):
             chunk = batch[start : start + per_batch]
-            states = model.hidden_states(chunk, layer=layer_index, validate=False)
+            states = run.padded(chunk, None, layer=layer_index, validate=False)
             parts.append(_pool(states.float(), lead, trail, pooling))
         return torch.cat(parts)
 
     bar = progress_bar(total=len(cells), desc=f"in silico {screen.mode}", unit="cells")
     no_tokens = torch.empty(0, dtype=torch.long, device=device)
-    with inference_on(model, device), autocast(device, dtype), bar:
+    with inference_on(model, plan), bar:
         for c in cells:
             row = torch.as_tensor(tokens[c, : n_tokens[c]].astype(np.int64), device=device)
             is_gene = ~torch.isin(row, special)
@@ -242,10 +244,9 @@ def _screen(
         raise ValueError(f"min_cells must be at least 1, got {min_cells}.")
 
     target = adata.copy() if copy else adata
-    device_, dtype_ = resolve_device_dtype(device, dtype)
     # Under torchrun each process screens its own share of the cells; all get every result.
-    ctx = setup_distributed(device_)
-    device_ = ctx.device
+    ctx = setup_distributed(settings.resolve_device(device))
+    plan = execution_plan(ctx.device, dtype)
     tokens, n_tokens = cell_tokens(target, model)
     budget = token_budget or settings.token_budget
     if state_key is None:
@@ -272,8 +273,7 @@ def _screen(
             n_tokens[rows],
             emb_layer=emb_layer,
             pooling=pooling,
-            device=device_,
-            dtype=dtype_,
+            plan=plan,
             token_budget=budget,
             desc=f"state {state}",
         ).cells
@@ -304,6 +304,7 @@ def _screen(
         "model_preset": model.preset or "custom",
         "vocabulary_sha256": model.vocab.sha256,
         "random_state": int(random_state),
+        "execution_plan": plan.as_dict(),
     }
     if combine:
         _combined(
@@ -318,8 +319,7 @@ def _screen(
             params,
             emb_layer=emb_layer,
             pooling=pooling,
-            device=device_,
-            dtype=dtype_,
+            plan=plan,
             budget=budget,
         )
         return target if copy else None
@@ -334,8 +334,7 @@ def _screen(
             screen,
             layer_index=layer_index,
             pooling=pooling,
-            device=device_,
-            dtype=dtype_,
+            plan=plan,
             token_budget=budget,
         )
         table = pd.concat(ctx.gather(table), ignore_index=True)
@@ -401,15 +400,12 @@ def _combined(
     *,
     emb_layer,
     pooling,
-    device,
-    dtype,
+    plan,
     budget,
 ) -> None:
     """Delete all listed genes together from each start cell; per-cell shifts into obs."""
     variant, n_variant = _remove_tokens(tokens[start], n_tokens[start], listed)
-    args = dict(
-        emb_layer=emb_layer, pooling=pooling, device=device, dtype=dtype, token_budget=budget
-    )
+    args = dict(emb_layer=emb_layer, pooling=pooling, plan=plan, token_budget=budget)
     original = torch.as_tensor(encode_cells(model, tokens[start], n_tokens[start], **args).cells)
     changed = torch.as_tensor(encode_cells(model, variant, n_variant, **args).cells)
     if targets:

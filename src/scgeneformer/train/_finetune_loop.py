@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._plan import execution_plan
 from .._progress import progress_bar
-from ..data._batching import cell_batch, packs_cells, token_budget_batches
+from ..data._batching import cell_batch, token_budget_batches
 from ..model._classifier import GeneformerClassifier
 from ._history import Records, empty_history
-from ._optim import adamw, autocast, linear_warmup_decay
+from ._optim import adamw, autocast, linear_warmup_decay, loss_scaler
 
 logger = logging.getLogger("scgeneformer")
 
@@ -53,6 +54,7 @@ class FitOptions:
         params = asdict(self)
         params["device"] = str(self.device)
         params["dtype"] = str(self.dtype).removeprefix("torch.")
+        params["execution_plan"] = execution_plan(self.device, self.dtype, log=False).as_dict()
         return {**params, **extra}
 
 
@@ -117,10 +119,12 @@ def fit_classifier(
     (``epoch``, ``step``, mean ``loss``) and, when ``evaluate`` is given, an evaluation record
     (validation ``loss`` and ``macro_f1``).
     """
-    device, dtype = options.device, options.dtype
-    packed = packs_cells(device)
+    dropout = clf.encoder.config.attention_probs_dropout_prob
+    plan = execution_plan(options.device, options.dtype, training=True, attention_dropout=dropout)
+    device, dtype, packed = plan.device, plan.dtype, plan.packed
     clf.to(device)
     optimizer = adamw(clf, options.lr, options.weight_decay)
+    scaler = loss_scaler(plan)
     budget = options.train_budget
     batches = shuffled_length_batches(n_tokens, cells, budget, packed, rng)
     total_steps = options.epochs * len(batches)
@@ -142,9 +146,11 @@ def fit_classifier(
                     )
                 loss = loss_fn(batch, logits.float(), ids)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 step += 1
                 losses.append(float(loss.detach()))
