@@ -29,32 +29,25 @@ def gpu(capability, torch_version=(2, 13), varlen=True, nested=True, cudnn=91000
     return Hardware(CUDA, "GPU", capability, torch_version, varlen, nested, cudnn)
 
 
-# (capability, torch has varlen) -> requested dtype -> (attention, dtype that runs)
+# requested dtype -> (attention, dtype that runs), with varlen_attn in torch
+AMPERE_AND_NEWER = {
+    "auto": ("varlen", "bfloat16"),
+    "bfloat16": ("varlen", "bfloat16"),
+    "float16": ("varlen", "float16"),
+    "float32": ("nested", "float32"),
+}
+VOLTA_TURING = {
+    "auto": ("nested", "float16"),
+    "bfloat16": ("nested", "float16"),
+    "float16": ("nested", "float16"),
+    "float32": ("nested", "float32"),
+}
+# (capability, torch has varlen) -> the table above
 EXPECTED = {
-    ((9, 0), True): {
-        "auto": ("varlen", "bfloat16"),
-        "bfloat16": ("varlen", "bfloat16"),
-        "float16": ("varlen", "float16"),
-        "float32": ("nested", "float32"),
-    },
-    ((8, 0), True): {
-        "auto": ("varlen", "bfloat16"),
-        "bfloat16": ("varlen", "bfloat16"),
-        "float16": ("varlen", "float16"),
-        "float32": ("nested", "float32"),
-    },
-    ((7, 5), True): {
-        "auto": ("nested", "float16"),
-        "bfloat16": ("nested", "float16"),
-        "float16": ("nested", "float16"),
-        "float32": ("nested", "float32"),
-    },
-    ((7, 0), True): {
-        "auto": ("nested", "float16"),
-        "bfloat16": ("nested", "float16"),
-        "float16": ("nested", "float16"),
-        "float32": ("nested", "float32"),
-    },
+    ((9, 0), True): AMPERE_AND_NEWER,
+    ((8, 0), True): AMPERE_AND_NEWER,
+    ((7, 5), True): VOLTA_TURING,
+    ((7, 0), True): VOLTA_TURING,
 }
 for (cap, _), table in list(EXPECTED.items()):
     # torch 2.9: no varlen_attn; everything else as before, but never the varlen kernel.
