@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import tempfile
 import time
@@ -32,9 +33,9 @@ import numpy as np
 import torch
 
 import scgeneformer as sgf
+from scgeneformer._plan import attention_backend, execution_plan
 from scgeneformer.data import pack_tokens, restore_order, token_budget_batches
 from scgeneformer.model import PRESETS, Geneformer, GeneformerConfig
-from scgeneformer.model import attention as attention_module
 from scgeneformer.model._attention import packed_positions
 
 TINY = GeneformerConfig(2, 64, 4, 128, 256, vocab_size=300)
@@ -195,19 +196,25 @@ def benchmark(name, config, vocab, device, n_cells, mean_len, budget, use_compil
     def eager(ids, cu, longest):
         return model.hidden_states_packed(ids, cu, longest, layer=layer, validate=False)
 
-    variants = [("packed eager", eager, None)]
+    variants = [("packed eager", eager, None, "auto")]
+    if device.type == "cuda":
+        # FlashAttention-2 against cuDNN where torch offers both (torch 2.14 routes varlen_attn
+        # to cuDNN on SM 9.x/10.x); "auto" is torch's own choice.
+        variants += [(f"packed eager, backend {b}", eager, None, b) for b in ("flash", "cudnn")]
     if use_compile:
         # A fixed max_seqlen keeps one compiled graph for every batch.
         compiled = torch.compile(eager, dynamic=True)
-        variants.append(("packed torch.compile", compiled, config.max_position_embeddings))
-    for label, run, max_seqlen in variants:
-        _, first_s = timed(
-            partial(embed_packed, run, tokens[:256], lengths[:256], device, budget, max_seqlen),
-            device,
-        )
-        ours, seconds = timed(
-            partial(embed_packed, run, tokens, lengths, device, budget, max_seqlen), device
-        )
+        variants.append(("packed torch.compile", compiled, config.max_position_embeddings, "auto"))
+    plan = execution_plan(device)
+    for label, run, max_seqlen, backend in variants:
+        with attention_backend(dataclasses.replace(plan, attention_backend=backend)):
+            _, first_s = timed(
+                partial(embed_packed, run, tokens[:256], lengths[:256], device, budget, max_seqlen),
+                device,
+            )
+            ours, seconds = timed(
+                partial(embed_packed, run, tokens, lengths, device, budget, max_seqlen), device
+            )
         rate = n_cells / seconds
         dtype = str(model.dtype).removeprefix("torch.")
         rows.append(
@@ -252,9 +259,10 @@ def main() -> None:
         ]
     vocabs = [synthetic_vocab(c.vocab_size, c.max_position_embeddings) for _, c, _, _ in models]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    varlen = attention_module.varlen_attn is not None and device.type == "cuda"
     lines = [
-        f"# gpu_check: {gpu}, torch {torch.__version__}, varlen_attn used: {varlen}",
+        f"# gpu_check: {gpu}, torch {torch.__version__}",
+        "",
+        f"Execution plan: {execution_plan(device).describe()}",
         "",
         f"## Accuracy ({models[0][0]}, random weights; max over cells of the relative error "
         "of mean-pooled embeddings)",

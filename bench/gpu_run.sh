@@ -33,6 +33,8 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no GPU"; } \
     | tee "$OUT/machine.txt"
 status=0
+# The environment and the plan every tool would use (what users paste into bug reports).
+"$PY" -m scgeneformer env 2>&1 | tee "$OUT/env.txt" || status=1
 timeout 330 "$PY" bench/gpu_check.py --out "$OUT/gpu_check.md" "${CHECK[@]}" 2>&1 \
     | tee "$OUT/gpu_check.log" || status=1
 timeout 150 "$PY" bench/bench_pretrain.py --store-cells 0 "${PRETRAIN[@]}" 2>&1 \

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import scgeneformer as sgf
+from scgeneformer._plan import execution_plan
 from scgeneformer.tl._inference import encode_cells
 
 from .conftest import small_vocab
@@ -102,7 +103,7 @@ def test_packed_path_equals_padded_path():
     adata = counts_adata(vocab, n_cells=25)
     sgf.pp.rank_tokenize(adata, vocab)
     tokens, n = adata.obsm["geneformer_tokens"], adata.obs["geneformer_n_tokens"].to_numpy()
-    args = dict(emb_layer=-1, pooling="mean", device=torch.device("cpu"), dtype=torch.float32)
+    args = dict(emb_layer=-1, pooling="mean", plan=execution_plan("cpu", "float32"))
     padded = encode_cells(model, tokens, n, packed=False, genes=True, **args)
     packed = encode_cells(model, tokens, n, packed=True, genes=True, token_budget=150, **args)
     np.testing.assert_allclose(packed.cells, padded.cells, atol=1e-5)

@@ -17,6 +17,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from . import datasets, pl, pp, tl
+    from ._env import show_versions
     from ._settings import settings
     from .model import Geneformer, GeneformerClassifier, GeneformerConfig
     from .vocab import Vocabulary
@@ -28,6 +29,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "pp": (".pp", None),
     "tl": (".tl", None),
     "settings": ("._settings", "settings"),
+    "show_versions": ("._env", "show_versions"),
     "Geneformer": (".model", "Geneformer"),
     "GeneformerClassifier": (".model", "GeneformerClassifier"),
     "GeneformerConfig": (".model", "GeneformerConfig"),
@@ -44,6 +46,7 @@ __all__ = [
     "pl",
     "pp",
     "settings",
+    "show_versions",
     "tl",
 ]
 

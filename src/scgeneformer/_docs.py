@@ -29,8 +29,9 @@ token_budget
 
 doc_device_dtype = """\
 device, dtype
-    Default ``sgf.settings`` ("auto": CUDA with bfloat16 when present, else CPU float32).
-    The model is moved to ``device``."""
+    Default ``sgf.settings`` ("auto": CUDA when present, in bfloat16 on compute capability
+    8.0+, float16 on 7.x; else CPU float32). The model is moved to ``device``. The execution
+    plan that ran (attention path, the dtype that actually ran) goes into ``uns``."""
 
 doc_copy = """\
 copy

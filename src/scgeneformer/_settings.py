@@ -1,4 +1,4 @@
-"""Package-wide settings: device, dtype, batch token budget, workers, progress, logging."""
+"""Package-wide settings: device, precision, attention path, compilation, batches, logging."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 _VERBOSITY = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO}
 _VERBOSITY.update({"debug": logging.DEBUG, "hint": logging.DEBUG})
 _LEVEL_OF_INT = [logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -24,8 +23,20 @@ class Settings:
     device
         ``"auto"`` (CUDA when present, else CPU) or any torch device string.
     dtype
-        ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"`` or
-        ``"float16"``.
+        ``"auto"`` (bfloat16 on GPUs of compute capability 8.0+, float16 on 7.x, else
+        float32), ``"float32"``, ``"bfloat16"`` or ``"float16"``. A dtype the device lacks
+        is replaced, with a note in the plan (see :func:`scgeneformer.show_versions`).
+    attention
+        ``"auto"`` (the fastest path that runs here), or force ``"varlen"`` (packed, flash
+        ``varlen_attn``), ``"nested"`` (packed, nested jagged tensors with SDPA) or
+        ``"padded"`` (padded batches with SDPA).
+    compile
+        Run embedding and in silico screens through ``torch.compile`` (off by default:
+        compiling costs seconds to minutes up front, and pays only on large runs).
+    attention_backend
+        SDPA backend on CUDA: ``"auto"`` (torch's choice), ``"flash"`` (never cuDNN, also
+        for torch 2.14's ``varlen_attn``) or ``"cudnn"`` (cuDNN first). Which is faster
+        depends on GPU and torch and is not yet measured here; see ``bench/gpu_run.sh``.
     token_budget
         Tokens per batch when cells are packed for the model.
     n_jobs
@@ -52,6 +63,9 @@ class Settings:
 
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attention: Literal["auto", "varlen", "nested", "padded"] = "auto"
+    compile: bool = False
+    attention_backend: Literal["auto", "flash", "cudnn"] = "auto"
     token_budget: int = 65_536
     n_jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
     progress: bool = True
@@ -74,16 +88,14 @@ class Settings:
     def resolve_dtype(
         self, dtype: str | torch.dtype | None = None, device: torch.device | None = None
     ) -> torch.dtype:
-        """Turn ``dtype`` (or the setting) into a :class:`torch.dtype` for ``device``."""
-        choice = self.dtype if dtype is None else dtype
-        if isinstance(choice, torch.dtype):
-            return choice
-        if choice == "auto":
-            on_cuda = (device or self.resolve_device()).type == "cuda"
-            return torch.bfloat16 if on_cuda else torch.float32
-        if choice not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {choice!r}.")
-        return _DTYPES[choice]
+        """Give the compute dtype that runs on ``device`` for ``dtype`` (or the setting).
+
+        The execution plan decides (:func:`scgeneformer._plan.choose_plan`), so a dtype the
+        device lacks comes back replaced.
+        """
+        from ._plan import execution_plan
+
+        return execution_plan(device, dtype, log=False).dtype
 
 
 def _apply_verbosity(value: object) -> None:

@@ -1,6 +1,6 @@
-"""Command line: ``scgeneformer demo | tokenize | pretrain | finetune | embed | delete | ...``.
+"""Command line: ``scgeneformer demo | tokenize | pretrain | finetune | embed | delete | env``.
 
-The sub-commands: demo, tokenize, pretrain, finetune, embed, delete, overexpress.
+The sub-commands: demo, tokenize, pretrain, finetune, embed, delete, overexpress, env.
 
 Only argparse is imported here: torch, scanpy and the tools load when a command runs, so that
 ``--help`` answers at once.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ._cli_finetune import add_finetune_command
 from .analysis_cli import add_analysis_commands
+from .env_cli import add_env_command
 from .pretrain_cli import add_pretrain_command
 
 
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrain_command(commands)
     add_finetune_command(commands)
     add_analysis_commands(commands)
+    add_env_command(commands)
     for command in commands.choices.values():
         raw = issubclass(command.formatter_class, argparse.RawDescriptionHelpFormatter)
         command.formatter_class = _RawHelpFormatter if raw else _HelpFormatter

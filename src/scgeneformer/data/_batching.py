@@ -154,11 +154,6 @@ def pack_tokens(
     return tokens[keep].long(), cu_seqlens, max_seqlen
 
 
-def packs_cells(device: torch.device) -> bool:
-    """Whether batches for ``device`` are packed without padding (True on CUDA) or padded."""
-    return device.type == "cuda"
-
-
 @dataclass(frozen=True)
 class CellBatch:
     """The token rows of one batch on the device, packed end to end or right-padded.

@@ -1,4 +1,4 @@
-"""The two attention paths: padded batches (SDPA with a key mask) and packed cells (varlen).
+"""The attention paths: padded batches (SDPA with a key mask) and packed cells (three kernels).
 
 Both receive per-token query, key and value of shape ``(..., heads, head_dim)`` and return the
 attended values in that shape, so the layers above them are shared. Everything that depends on
@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 try:
     from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch < 2.9: the packed path uses the padded stand-in everywhere
+except ImportError:  # torch < 2.10: the execution plan never picks the "varlen" kernel
     varlen_attn = None
 
-_VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+PACKED_KERNELS = ("varlen", "nested", "padded")
 
 
 def key_padding_bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -61,22 +61,29 @@ class PaddedAttention:
 class PackedAttention:
     """Attention over cells packed end to end ``(tokens, heads, head_dim)``, without padding.
 
-    On CUDA in float16/bfloat16 this calls ``torch.nn.attention.varlen.varlen_attn`` (flash
-    attention over cumulative offsets). Elsewhere a stand-in scatters the cells into a padded
-    ``(cells, max_seqlen)`` buffer, runs SDPA with a key mask and gathers the tokens back: the
-    same maths, so the packing logic can be tested on a CPU.
+    Three kernels compute the same maths; the execution plan (:mod:`scgeneformer._plan`)
+    picks one:
 
-    ``varlen_attn`` has no attention-probability dropout; in training on that path attention
-    dropout is skipped (hidden dropout still applies).
+    - ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 over the
+      offsets; CUDA capability 8.0+, float16/bfloat16). It has no attention-probability
+      dropout: in training on this kernel attention dropout is skipped (hidden dropout
+      still applies);
+    - ``"nested"``: the cells as a nested jagged tensor through SDPA (any device);
+    - ``"padded"``: a stand-in that scatters the cells into a padded ``(cells, max_seqlen)``
+      buffer, runs SDPA with a key mask and gathers the tokens back.
 
     Parameters
     ----------
     cu_seqlens
-        Int32 offsets ``(cells + 1,)``: cell ``i`` holds tokens ``cu_seqlens[i]:cu_seqlens[i+1]``.
+        Int32 offsets ``(cells + 1,)``: cell ``i`` holds tokens ``cu_seqlens[i]:cu_seqlens[i+1]``,
+        and the last offset equals the number of tokens (``varlen_attn`` leaves any token past
+        it unwritten, which turns gradients to NaN).
     max_seqlen
         Upper bound on any cell's length.
     cell_index, position
         Per token: its cell and its position inside the cell (from :func:`packed_positions`).
+    kernel
+        One of :data:`PACKED_KERNELS`.
     """
 
     def __init__(
@@ -85,21 +92,47 @@ class PackedAttention:
         max_seqlen: int,
         cell_index: torch.Tensor,
         position: torch.Tensor,
+        kernel: str = "padded",
     ) -> None:
+        if kernel not in PACKED_KERNELS:
+            raise ValueError(f"kernel must be one of {PACKED_KERNELS}, got {kernel!r}.")
+        if kernel == "varlen" and varlen_attn is None:
+            raise RuntimeError(f"varlen_attn needs torch 2.10+ (this torch: {torch.__version__}).")
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = int(max_seqlen)
         self.cell_index = cell_index
         self.position = position
+        self.kernel = kernel
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
     ) -> torch.Tensor:
         """Attend within each cell; ``q``, ``k``, ``v`` and the result are ``(T, H, D)``."""
-        if varlen_attn is not None and q.is_cuda and q.dtype in _VARLEN_DTYPES:
+        if self.kernel == "varlen":
+            # The seven positional arguments: the only call form that works from torch 2.10
+            # (where an is_causal argument came fifth) to 2.14.
             return varlen_attn(
                 q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen
             )
+        if self.kernel == "nested":
+            return self._nested(q, k, v, dropout_p)
         return self._padded_standin(q, k, v, dropout_p)
+
+    def _nested(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
+    ) -> torch.Tensor:
+        offsets = self.cu_seqlens.long()
+
+        def jagged(x: torch.Tensor) -> torch.Tensor:
+            # (cells, ragged length, heads, dim) -> (cells, heads, ragged length, dim); SDPA
+            # refuses nested views of the fused q/k/v projection, hence the copy.
+            nested = torch.nested.nested_tensor_from_jagged(
+                x.contiguous(), offsets=offsets, max_seqlen=self.max_seqlen
+            )
+            return nested.transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v), dropout_p=dropout_p)
+        return out.transpose(1, 2).values()
 
     def _padded_standin(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float

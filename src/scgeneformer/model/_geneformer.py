@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._hub import HubOptions, hub_folder, is_repo_id
+from .._plan import packed_attention_for
 from ..vocab import Vocabulary
 from . import _hf_folder as ckpt
 from ._attention import PackedAttention, PaddedAttention, key_padding_bias, packed_positions
@@ -18,6 +19,13 @@ from ._config import PRESETS, GeneformerConfig, preset
 from ._encoder import Bert, MLMHead, init_weights
 
 TensorLike = torch.Tensor | np.ndarray
+
+
+def _compute_dtype(device: torch.device, weights: torch.dtype) -> torch.dtype:
+    """Return the dtype attention sees: autocast's where it is on, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weights
 
 
 class Geneformer(nn.Module):
@@ -31,8 +39,9 @@ class Geneformer(nn.Module):
 
     - padded batches ``(cells, length)`` with a key-padding mask (:meth:`hidden_states`);
     - packed cells, concatenated without padding, with int32 offsets ``cu_seqlens``
-      (:meth:`hidden_states_packed`); on CUDA in bfloat16/float16 this uses flash
-      ``varlen_attn``. Positions restart at 0 in every cell.
+      (:meth:`hidden_states_packed`); the execution plan picks the kernel (flash
+      ``varlen_attn`` on capability 8.0+ in 16-bit, nested jagged SDPA, or a padded
+      stand-in). Positions restart at 0 in every cell.
 
     Both stop at the layer read; later layers never run. The MLM head
     (:meth:`mlm_logits`) only runs on the positions asked for.
@@ -471,12 +480,32 @@ class Geneformer(nn.Module):
         return self.bert(ids, positions, attend, n_layers)
 
     def _packed_inputs(
-        self, tokens: TensorLike, cu_seqlens: TensorLike, max_seqlen: int, validate: bool
+        self,
+        tokens: TensorLike,
+        cu_seqlens: TensorLike,
+        max_seqlen: int,
+        validate: bool,
+        attention: str | None,
     ) -> tuple[torch.Tensor, torch.Tensor, PackedAttention]:
         ids = self._token_tensor(tokens, 1, "tokens")
+        if not isinstance(cu_seqlens, torch.Tensor) or not cu_seqlens.is_cuda:
+            # Offsets still on the host cost nothing to check, so this guard always runs:
+            # tokens past the last offset would leave varlen_attn's output unwritten (NaN).
+            last = int(np.asarray(cu_seqlens)[-1]) if len(cu_seqlens) else -1
+            if last != ids.numel():
+                raise ValueError(
+                    f"The last offset of cu_seqlens ({last}) must equal the number of tokens "
+                    f"({ids.numel()})."
+                )
         cu = torch.as_tensor(cu_seqlens, device=ids.device)
         if cu.dtype != torch.int32:
             cu = cu.to(torch.int32)
+        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "Packed batches must not be captured in a CUDA graph: their offsets change "
+                "from batch to batch and a replay would reuse the captured ones. Compile "
+                "without CUDA graphs (torch.compile's default mode, as sgf.settings.compile does)."
+            )
         if validate:
             if (
                 cu.ndim != 1
@@ -497,8 +526,15 @@ class Geneformer(nn.Module):
                     f"max_seqlen={max_seqlen} is less than the longest cell ({longest})."
                 )
             self.check_token_ids(ids)
+        if attention is None:
+            attention = packed_attention_for(
+                ids.device,
+                _compute_dtype(ids.device, self.dtype),
+                training=self.training,
+                attention_dropout=self.config.attention_probs_dropout_prob,
+            )
         cell, positions = packed_positions(cu, ids.numel())
-        return ids, positions, PackedAttention(cu, max_seqlen, cell, positions)
+        return ids, positions, PackedAttention(cu, max_seqlen, cell, positions, attention)
 
     def hidden_states_packed(
         self,
@@ -508,6 +544,7 @@ class Geneformer(nn.Module):
         *,
         layer: int = -1,
         validate: bool = True,
+        attention: str | None = None,
     ) -> torch.Tensor:
         """Hidden states of cells packed end to end, without padding.
 
@@ -525,7 +562,10 @@ class Geneformer(nn.Module):
             As in :meth:`hidden_states`.
         validate
             Check ids, offsets and lengths (a few device synchronisations); pass False when
-            compiling.
+            compiling. Offsets given on the host are always checked against the tokens.
+        attention
+            The packed kernel, ``"varlen"``, ``"nested"`` or ``"padded"`` (a padded stand-in);
+            default: the execution plan's for this device and (autocast) dtype.
 
         Returns
         -------
@@ -539,7 +579,9 @@ class Geneformer(nn.Module):
         torch.Size([7, 256])
         """
         n_layers = self._n_layers(layer)
-        ids, positions, attend = self._packed_inputs(tokens, cu_seqlens, max_seqlen, validate)
+        ids, positions, attend = self._packed_inputs(
+            tokens, cu_seqlens, max_seqlen, validate, attention
+        )
         return self.bert(ids, positions, attend, n_layers)
 
     def mlm_logits(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

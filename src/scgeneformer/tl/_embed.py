@@ -18,9 +18,9 @@ from .._docs import (
     doc_pooling,
     doc_token_budget,
 )
+from .._plan import execution_plan
 from .._slots import n_tokens_slot, table_to_var, var_tokens
 from ..model import Geneformer, GeneformerClassifier
-from ..train._optim import resolve_device_dtype
 from ._inference import check_pooling, encode_cells, hidden_layer_index
 from ._model_arg import encoder_of
 from ._tokens import cell_tokens
@@ -78,7 +78,7 @@ def embed(
     -------
     None, or a new AnnData with ``copy=True``. Writes ``obsm[key_added]`` (float32, NaN rows
     for cells without tokens), optionally ``varm[key_added]`` and ``var[f"{key_added}_n_cells"]``,
-    and the parameters in ``uns[key_added]``.
+    and the parameters and ``"execution_plan"`` in ``uns[key_added]``.
 
     Examples
     --------
@@ -93,7 +93,7 @@ def embed(
     hidden_layer_index(model, emb_layer)  # refuse bad arguments before touching adata
     check_pooling(model, pooling)
     target = adata.copy() if copy else adata
-    device_, dtype_ = resolve_device_dtype(device, dtype)
+    plan = execution_plan(device, dtype)
     tokens, n_tokens = cell_tokens(target, model)
     encoded = encode_cells(
         model,
@@ -101,8 +101,7 @@ def embed(
         n_tokens,
         emb_layer=emb_layer,
         pooling=pooling,
-        device=device_,
-        dtype=dtype_,
+        plan=plan,
         token_budget=token_budget,
         genes=genes,
     )
@@ -132,7 +131,8 @@ def embed(
         "hidden_size": model.hidden_size,
         "vocabulary_sha256": model.vocab.sha256,
         "n_cells_without_tokens": empty,
-        "device": str(device_),
-        "dtype": str(dtype_).removeprefix("torch."),
+        "device": str(plan.device),
+        "dtype": plan.dtype_name,
+        "execution_plan": plan.as_dict(),
     }
     return target if copy else None

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from anndata import AnnData
 
 from .._deprecation import renamed_keywords
+from .._plan import ExecutionPlan, execution_plan
 from .._progress import progress_bar
 from .._settings import settings
 from .._slots import positions_of, token_values_to_var, var_tokens
 from ..model import Geneformer, GeneformerClassifier
 from ..train._distributed import setup_distributed
-from ..train._optim import autocast, resolve_device_dtype
 from ._anchor import anchor_token, anchor_variants, check_anchor_present
+from ._compiled import EncoderRunner
 from ._cost import warn_if_slow_on_cpu
 from ._downstream import GeneShifts, write_gene_shifts
 from ._first_order import MAGNITUDE_PROJECTIONS, gate_estimates, rank_matched_background
@@ -173,8 +174,7 @@ def _run_screen(
     *,
     layer_index: int,
     pooling: str,
-    device: torch.device,
-    dtype: torch.dtype,
+    plan: ExecutionPlan,
     token_budget: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """One row per (cell, perturbed gene): cell, token, position, scores, estimates.
@@ -182,6 +182,8 @@ def _run_screen(
     With ``screen.gene_shifts`` also the (deleted, affected) downstream pairs, else None.
     """
     vocab = model.vocab
+    device = plan.device
+    run = EncoderRunner(model, plan)
     lead = 1 if vocab.has_cls else 0
     trail = lead
     special = torch.tensor(list(vocab.special_tokens.values()), device=device)
@@ -208,7 +210,7 @@ def _run_screen(
         per_batch = max(1, token_budget // batch.shape[1])
         for start in range(0, batch.shape[0], per_batch):
             chunk = batch[start : start + per_batch]
-            states = model.hidden_states(chunk, layer=layer_index, validate=False).float()
+            states = run.padded(chunk, None, layer=layer_index, validate=False).float()
             if on_states is not None:
                 on_states(start, states)
             parts.append(_pool(states, lead, trail, pooling))
@@ -233,7 +235,7 @@ def _run_screen(
     chunks = iter(_gradient_chunks(cells, n_tokens, token_budget, copies))
     estimates: dict[int, dict[str, torch.Tensor]] = {}
     no_tokens = torch.empty(0, dtype=torch.long, device=device)
-    with inference_on(model, device), autocast(device, dtype), bar:
+    with inference_on(model, plan), bar:
         for c in cells:
             if screen.method != "exact" and c not in estimates:
                 estimates = first_order(next(chunks))
@@ -411,10 +413,9 @@ def _screen(
         )
 
     target = adata.copy() if copy else adata
-    device_, dtype_ = resolve_device_dtype(device, dtype)
     # Under torchrun each process screens its own share of the cells; all get every result.
-    ctx = setup_distributed(device_)
-    device_ = ctx.device
+    ctx = setup_distributed(settings.resolve_device(device))
+    plan = execution_plan(ctx.device, dtype)
     tokens, n_tokens = cell_tokens(target, model)
     budget = token_budget or settings.token_budget
     if state_key is None:
@@ -442,7 +443,7 @@ def _screen(
         n_tokens[start],
         np.ones(len(start)) if combine else variants,
         layer_index,
-        device_type=device_.type,
+        device_type=plan.device.type,
         mode="deletion" if mode == "delete" else "overexpression",
     )
     skipped = int(((n_tokens == 0) & _in_state(target, state_key, start_state)).sum())
@@ -459,8 +460,7 @@ def _screen(
             n_tokens[rows],
             emb_layer=emb_layer,
             pooling=pooling,
-            device=device_,
-            dtype=dtype_,
+            plan=plan,
             token_budget=budget,
             desc=f"state {state}",
         ).cells
@@ -492,6 +492,7 @@ def _screen(
         "vocabulary_sha256": model.vocab.sha256,
         "random_state": int(random_state),
         "estimated_cpu_seconds": round(params_cost, 1),
+        "execution_plan": plan.as_dict(),
     }
     if combine:
         _combined(
@@ -506,8 +507,7 @@ def _screen(
             params,
             emb_layer=emb_layer,
             pooling=pooling,
-            device=device_,
-            dtype=dtype_,
+            plan=plan,
             budget=budget,
         )
         return target if copy else None
@@ -524,8 +524,7 @@ def _screen(
             screen,
             layer_index=layer_index,
             pooling=pooling,
-            device=device_,
-            dtype=dtype_,
+            plan=plan,
             token_budget=budget,
         )
         table = pd.concat(ctx.gather(table), ignore_index=True)
@@ -684,15 +683,12 @@ def _combined(
     *,
     emb_layer,
     pooling,
-    device,
-    dtype,
+    plan,
     budget,
 ) -> None:
     """Delete all listed genes together from each start cell; per-cell shifts into obs."""
     variant, n_variant = _remove_tokens(tokens[start], n_tokens[start], listed)
-    args = dict(
-        emb_layer=emb_layer, pooling=pooling, device=device, dtype=dtype, token_budget=budget
-    )
+    args = dict(emb_layer=emb_layer, pooling=pooling, plan=plan, token_budget=budget)
     original = torch.as_tensor(encode_cells(model, tokens[start], n_tokens[start], **args).cells)
     changed = torch.as_tensor(encode_cells(model, variant, n_variant, **args).cells)
     if targets:

@@ -1,8 +1,9 @@
 """Running the encoder over many cells: token-budget batches, pooling, input order kept.
 
-On CUDA cells are packed without padding (flash ``varlen_attn``); elsewhere they go in
-length-sorted padded batches. Either way the encoder stops at the layer read and results come
-back in the cells' input order.
+The execution plan (:mod:`scgeneformer._plan`) says how: cells packed without padding
+(``varlen_attn`` or nested jagged SDPA) or length-sorted padded batches, in which dtype, and
+whether through the compiled encoder. Either way the encoder stops at the layer read and
+results come back in the cells' input order.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._plan import ExecutionPlan, attention_backend
 from .._progress import progress_bar
-from ..data._batching import cell_batch, packs_cells, token_budget_batches
+from ..data._batching import cell_batch, token_budget_batches
 from ..model import Geneformer
 from ..train._optim import autocast
+from ._compiled import EncoderRunner
 
 POOLINGS = ("mean", "cls")
 
@@ -66,12 +69,12 @@ class Encoded:
 
 
 @contextlib.contextmanager
-def inference_on(model: Geneformer, device: torch.device) -> Iterator[None]:
-    """Put the model in evaluation mode on ``device`` for the duration, then restore it."""
+def inference_on(model: Geneformer, plan: ExecutionPlan) -> Iterator[None]:
+    """Put the model in evaluation mode on the plan's device, precision and SDPA backend."""
     was_training = model.training
-    model.to(device).eval()
+    model.to(plan.device).eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(plan.device, plan.dtype), attention_backend(plan):
             yield
     finally:
         model.train(was_training)
@@ -91,8 +94,7 @@ def encode_cells(
     *,
     emb_layer: int,
     pooling: str,
-    device: torch.device,
-    dtype: torch.dtype,
+    plan: ExecutionPlan,
     token_budget: int | None = None,
     genes: bool = False,
     packed: bool | None = None,
@@ -110,15 +112,16 @@ def encode_cells(
         Geneformer's convention (see :func:`hidden_layer_index`).
     pooling
         ``"mean"`` over gene tokens (``<cls>``/``<eos>`` excluded) or ``"cls"``.
-    device, dtype
-        Where and in which precision to run (16-bit dtypes through autocast, so the model's
-        own weights stay as they are).
+    plan
+        Where, how and in which precision to run (16-bit dtypes through autocast, so the
+        model's own weights stay as they are); see :func:`scgeneformer._plan.execution_plan`.
     token_budget
         Tokens per batch (default ``sgf.settings.token_budget``).
     genes
         Also sum each token's hidden state over cells (for gene embeddings).
     packed
-        Pack cells without padding; default: on CUDA.
+        Pack cells without padding; default: where the plan does (a padded plan then runs
+        the packed cells through the padded stand-in).
     desc
         Progress bar label.
 
@@ -128,7 +131,8 @@ def encode_cells(
     """
     index = hidden_layer_index(model, emb_layer)
     check_pooling(model, pooling)
-    packed = packs_cells(device) if packed is None else packed
+    packed = plan.packed if packed is None else packed
+    device = plan.device
     n_cells, hidden = len(n_tokens), model.hidden_size
     cells = np.full((n_cells, hidden), np.nan, dtype=np.float32)
     present = np.flatnonzero(n_tokens > 0)
@@ -137,21 +141,22 @@ def encode_cells(
         gene_sum = torch.zeros((len(model.vocab), hidden), dtype=torch.float64, device=device)
         gene_count = torch.zeros(len(model.vocab), dtype=torch.int64, device=device)
     bar = progress_bar(total=len(present), desc=desc, unit="cells")
-    with inference_on(model, device), autocast(device, dtype), bar:
+    run = EncoderRunner(model, plan)
+    with inference_on(model, plan), bar:
         for batch in batches:
             rows = present[batch]
             cells_batch = cell_batch(tokens[rows], n_tokens[rows], packed=packed, device=device)
             ids = cells_batch.ids
             if packed:
                 cu = cells_batch.cu_seqlens
-                states = model.hidden_states_packed(ids, cu, cells_batch.max_seqlen, layer=index)
+                states = run.packed(ids, cu, cells_batch.max_seqlen, layer=index)
                 cell_of = torch.repeat_interleave(
                     torch.arange(len(rows), device=device),
                     torch.as_tensor(n_tokens[rows], device=device),
                 )
                 first = cu[:-1].long()
             else:
-                states = model.hidden_states(ids, cells_batch.mask, layer=index)
+                states = run.padded(ids, cells_batch.mask, layer=index)
                 cell_of = torch.arange(len(rows), device=device)[:, None].expand_as(ids)
                 first = None
             gene = _gene_mask(ids, model)

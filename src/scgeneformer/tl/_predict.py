@@ -11,13 +11,14 @@ import torch
 from anndata import AnnData
 
 from .._deprecation import renamed_keywords
+from .._plan import execution_plan
 from .._progress import progress_bar
 from .._settings import settings
 from .._slots import positions_of, table_to_var, var_tokens
-from ..data._batching import packs_cells, restore_order, token_budget_batches
+from ..data._batching import restore_order, token_budget_batches
 from ..model._classifier import GeneformerClassifier
 from ..train._finetune_loop import classifier_logits
-from ..train._optim import autocast, resolve_device_dtype
+from ..train._optim import resolve_device_dtype
 from ._inference import inference_on
 from ._tokens import cell_tokens
 
@@ -35,7 +36,8 @@ def cell_proba(
     progress: bool,
 ) -> np.ndarray:
     """Class probabilities per cell in input order; NaN rows for cells without tokens."""
-    packed = packs_cells(device)
+    plan = execution_plan(device, dtype)
+    packed = plan.packed
     proba = np.full((len(n_tokens), clf.n_classes), np.nan, dtype=np.float32)
     present = np.flatnonzero(n_tokens > 0)
     if not present.size:
@@ -43,7 +45,7 @@ def cell_proba(
     batches = token_budget_batches(n_tokens[present], budget, padded=not packed)
     results = []
     bar = progress_bar(total=len(present), desc="predict", unit="cells", enabled=progress)
-    with inference_on(clf, device), autocast(device, dtype), bar:
+    with inference_on(clf, plan), bar:
         for batch in batches:
             logits, _ = classifier_logits(clf, tokens, n_tokens, present[batch], packed)
             results.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
@@ -67,14 +69,15 @@ def gene_proba(
     Returns ``(vocab_size, n_classes)`` means (NaN for tokens in no cell) and ``(vocab_size,)``
     cell counts (a gene occurs at most once per cell).
     """
-    packed = packs_cells(device)
+    plan = execution_plan(device, dtype)
+    packed = plan.packed
     size = len(clf.vocab)
     sums = torch.zeros((size, clf.n_classes), dtype=torch.float64, device=device)
     counts = torch.zeros(size, dtype=torch.int64, device=device)
     present = np.flatnonzero(n_tokens > 0)
     batches = token_budget_batches(n_tokens[present], budget, padded=not packed)
     bar = progress_bar(total=len(present), desc="predict genes", unit="cells", enabled=progress)
-    with inference_on(clf, device), autocast(device, dtype), bar:
+    with inference_on(clf, plan), bar:
         for batch in batches:
             logits, ids = classifier_logits(clf, tokens, n_tokens, present[batch], packed)
             sums.index_add_(0, ids, torch.softmax(logits.double(), dim=-1))
@@ -178,6 +181,7 @@ def predict(
         "classes": clf.classes,
         "vocabulary_sha256": clf.vocab.sha256,
         "n_cells_without_tokens": empty,
+        "execution_plan": execution_plan(device_, dtype_, log=False).as_dict(),
     }
     run = {"budget": token_budget, "device": device_, "dtype": dtype_}
     if clf.task == "cell":

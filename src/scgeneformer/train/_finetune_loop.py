@@ -16,13 +16,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .._plan import execution_plan
 from .._progress import progress_bar
 from .._settings import settings
-from ..data._batching import cell_batch, packs_cells, token_budget_batches
+from ..data._batching import cell_batch, token_budget_batches
 from ..model._classifier import GeneformerClassifier
 from ._history import Records, empty_history
 from ._lr_range import lr_range_test
-from ._optim import adamw, autocast, linear_warmup_decay
+from ._optim import adamw, autocast, linear_warmup_decay, loss_scaler
 
 logger = logging.getLogger("scgeneformer")
 
@@ -65,6 +66,7 @@ class FitOptions:
         params["dtype"] = str(self.dtype).removeprefix("torch.")
         if params["train_budget"] is None:
             params["train_budget"] = "auto"  # h5ad stores no None
+        params["execution_plan"] = execution_plan(self.device, self.dtype, log=False).as_dict()
         return {**params, **extra}
 
 
@@ -136,15 +138,18 @@ def _train_step(
     packed: bool,
     device: torch.device,
     dtype: torch.dtype,
+    scaler: torch.amp.GradScaler,
 ) -> float:
     """One optimiser step on the cells ``batch``; returns the batch's loss."""
     with autocast(device, dtype):
         logits, ids = classifier_logits(clf, tokens, n_tokens, batch, packed, validate=False)
     loss = loss_fn(batch, logits.float(), ids)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     return float(loss.detach())
 
 
@@ -177,8 +182,9 @@ def fit_classifier(
     (``epoch``, ``step``, mean ``loss``, the run's ``peak_lr`` and ``token_budget``) and,
     when ``evaluate`` is given, an evaluation record (validation ``loss`` and ``macro_f1``).
     """
-    device, dtype = options.device, options.dtype
-    packed = packs_cells(device)
+    dropout = clf.encoder.config.attention_probs_dropout_prob
+    plan = execution_plan(options.device, options.dtype, training=True, attention_dropout=dropout)
+    device, dtype, packed = plan.device, plan.dtype, plan.packed
     clf.to(device)
     budget = options.train_budget
     if budget is None:
@@ -196,6 +202,7 @@ def fit_classifier(
         packed=packed,
         device=device,
         dtype=dtype,
+        scaler=loss_scaler(plan),
     )
     lr = options.lr
     if lr == "auto":

@@ -1,4 +1,4 @@
-"""Pieces every training loop here shares: device and precision, optimiser, schedule, seeding."""
+"""Pieces every training loop here shares: precision, loss scaling, optimiser, schedule, seeding."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._plan import ExecutionPlan
 from .._settings import settings
 
 
 def resolve_device_dtype(
     device: str | torch.device | None, dtype: str | torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
-    """Concrete device and compute dtype from arguments or ``sgf.settings``.
+    """Concrete device and the compute dtype the execution plan runs there.
 
     Examples
     --------
@@ -29,15 +30,26 @@ def resolve_device_dtype(
 
 @contextlib.contextmanager
 def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Mixed precision for training: fp32 master weights, ``dtype`` matrix products.
+    """Mixed precision: float32 weights, ``dtype`` matrix products and attention.
 
-    Only on CUDA with a 16-bit dtype; elsewhere the model simply runs in its own dtype.
+    Only for a 16-bit ``dtype`` (the execution plan allows bfloat16 on CPUs and GPUs of
+    capability 8.0+, float16 on GPUs); float32 runs as it is.
     """
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        with torch.autocast("cuda", dtype=dtype):
+    if dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast(device.type, dtype=dtype):
             yield
     else:
         yield
+
+
+def loss_scaler(plan: ExecutionPlan) -> torch.amp.GradScaler:
+    """Gradient scaling where the plan trains in float16 (a pass-through elsewhere).
+
+    float16's narrow range lets small gradients underflow to zero; the scaler multiplies the
+    loss before backward and divides the gradients before the optimizer step, skipping steps
+    whose gradients overflowed.
+    """
+    return torch.amp.GradScaler(plan.device.type, enabled=plan.loss_scaling)
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

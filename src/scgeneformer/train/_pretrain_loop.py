@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .._atomic import write_json_atomic
+from .._plan import attention_backend, execution_plan
 from .._progress import progress_bar
-from ..data._batching import pack_tokens, packs_cells
+from ..data._batching import pack_tokens
 from ..data._masking import GeneMasker, batch_generator
 from ..data._sources import (
     PaddedTokens,
@@ -43,12 +44,7 @@ from ._checkpoints import (
     save_checkpoint,
 )
 from ._distributed import Distributed
-from ._optim import (
-    adamw,
-    autocast,
-    linear_warmup_decay,
-    seed_everything,
-)
+from ._optim import adamw, autocast, linear_warmup_decay, loss_scaler, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +229,14 @@ class PretrainRun:
         self.masker = masker
         self.args = args
         self.device = ctx.device
-        self.packed = packs_cells(self.device)
+        self.execution = execution_plan(
+            self.device,
+            args.dtype,
+            training=True,
+            attention_dropout=model.config.attention_probs_dropout_prob,
+        )
+        self.packed = self.execution.packed
+        self.scaler = loss_scaler(self.execution)
         self.history: dict[str, Any] = {"train": [], "eval": []}
         self.step = 0
 
@@ -335,6 +338,8 @@ class PretrainRun:
         self.model.load_state_dict(checkpoint.weights)
         self.optimizer.load_state_dict(checkpoint.trainer_state["optimizer"])
         self.scheduler.load_state_dict(checkpoint.trainer_state["scheduler"])
+        if checkpoint.trainer_state.get("scaler"):  # empty when saved without float16
+            self.scaler.load_state_dict(checkpoint.trainer_state["scaler"])
         # The learning rate of the next step under this run's schedule, which differs from the
         # saved one when max_steps or epochs changed.
         for group, base_lr, factor in zip(
@@ -368,6 +373,10 @@ class PretrainRun:
     # ------------------------------------------------------------------ training
     def train(self) -> Geneformer:
         """Run the remaining steps, checkpointing on the way; save the final model."""
+        with attention_backend(self.execution):  # around the backward passes too
+            return self._train()
+
+    def _train(self) -> Geneformer:
         net: torch.nn.Module = self.model
         if self.ctx.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -445,11 +454,13 @@ class PretrainRun:
                 with autocast(self.device, self.args.dtype):
                     logits = net(**micro.inputs, validate=False)
                 ce = F.cross_entropy(logits.float(), micro.labels, reduction="sum")
-                (ce * scale).backward()
+                self.scaler.scale(ce * scale).backward()
             interval.add(ce, micro)
         if self.args.clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -492,6 +503,7 @@ class PretrainRun:
         trainer_state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "rng": rng_states,
         }
 
@@ -525,6 +537,7 @@ class PretrainRun:
             "gradient_accumulation_steps": self.args.accumulation,
             "clip_norm": self.args.clip_norm,
             "dtype": str(self.args.dtype).removeprefix("torch."),
+            "execution_plan": self.execution.as_dict(),
             **self.fingerprint,
             "history": self.history,
         }
