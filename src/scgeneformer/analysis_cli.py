@@ -58,6 +58,8 @@ def _delete(args: argparse.Namespace) -> int:
         max_cells=args.max_cells,
         emb_layer=args.layer,
         min_cells=args.min_cells,
+        alternative=args.alternative,
+        n_background=args.n_background,
         key_added=args.key_added,
         store_per_cell=args.per_cell,
         device=args.device,
@@ -69,12 +71,13 @@ def _delete(args: argparse.Namespace) -> int:
     table = table.sort_values(f"{args.key_added}_zscore", ascending=False)
     if args.table is not None:
         table.to_csv(args.table)
-    top = ", ".join(map(str, table.index[: min(10, len(table))]))
+    fdr = table[f"{args.key_added}_fdr"].to_numpy()[:10]
+    top = ", ".join(f"{g} (FDR {q:.2g})" for g, q in zip(table.index[:10], fdr, strict=True))
     print(
         f"{len(table):,} genes ranked over {adata.uns[args.key_added]['n_start_cells']} "
         f"'{args.start}' cells -> {args.output}"
         + ("" if args.table is None else f" and {args.table}")
-        + f"; top by z-score: {top}"
+        + f"; top by z-score ({adata.uns[args.key_added]['alternative']}): {top}"
     )
     return 0
 
@@ -123,6 +126,15 @@ def add_analysis_commands(subparsers: argparse._SubParsersAction) -> None:
     delete.add_argument("--genes", nargs="+", help="genes to delete (default: every gene)")
     delete.add_argument("--max-cells", type=int, help="start cells to screen at most")
     delete.add_argument("--min-cells", type=int, default=3, help="cells a gene needs to be tested")
+    delete.add_argument(
+        "--alternative",
+        default="greater",
+        choices=("greater", "less", "two-sided"),
+        help="test direction: greater = deletion moves cells toward the goal (default)",
+    )
+    delete.add_argument(
+        "--n-background", type=int, default=200, help="background genes beside a --genes list"
+    )
     delete.add_argument("--key-added", default="in_silico_delete")
     delete.add_argument("--per-cell", action="store_true", help="also the per-cell layer")
     delete.add_argument("--table", type=Path, help="CSV of the ranked genes")

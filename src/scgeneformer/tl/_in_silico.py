@@ -27,8 +27,9 @@ from .._slots import positions_of, token_values_to_var, var_tokens
 from ..model import Geneformer
 from ..train._distributed import setup_distributed
 from ..train._optim import autocast, resolve_device_dtype
+from ._background import rank_matched_background
 from ._inference import check_pooling, encode_cells, hidden_layer_index, inference_on
-from ._perturb_stats import gene_statistics
+from ._perturb_stats import check_alternative, gene_statistics, null_description
 from ._tokens import cell_tokens
 
 
@@ -216,6 +217,8 @@ def _screen(
     emb_layer: int,
     pooling: str,
     min_cells: int,
+    alternative: str,
+    n_background: int,
     key_added: str,
     store_per_cell: bool,
     token_budget: int | None,
@@ -240,6 +243,7 @@ def _screen(
         raise ValueError("combine=True is supported for deletion only.")
     if min_cells < 1:
         raise ValueError(f"min_cells must be at least 1, got {min_cells}.")
+    check_alternative(alternative)
 
     target = adata.copy() if copy else adata
     device_, dtype_ = resolve_device_dtype(device, dtype)
@@ -299,8 +303,7 @@ def _screen(
         "score": "cos(variant, goal) - cos(original, goal)"
         if targets
         else "1 - cos(variant, original)",
-        "null": "rank-matched residuals vs other genes in the same cells; empirical null of "
-        "the other genes' statistics (median/MAD); Benjamini-Hochberg FDR",
+        "alternative": alternative,
         "model_preset": model.preset or "custom",
         "vocabulary_sha256": model.vocab.sha256,
         "random_state": int(random_state),
@@ -324,7 +327,24 @@ def _screen(
         )
         return target if copy else None
 
-    screen = _Screen(mode, targets, listed)
+    background = np.empty(0, dtype=np.int64)
+    if listed is not None:
+        special = np.asarray(list(model.vocab.special_tokens.values()))
+        background = rank_matched_background(
+            tokens,
+            n_tokens,
+            start,
+            listed,
+            n_background,
+            special=special,
+            min_cells=min_cells,
+            random_state=random_state,
+        )
+        params["background_genes"] = [str(g) for g in model.vocab.gene_by_token[background]]
+    # Without background genes (none asked for, or none expressed) the genes face each other.
+    null_tokens = background if len(background) else None
+    params["null"] = null_description(null_tokens is not None)
+    screen = _Screen(mode, targets, None if listed is None else np.union1d(listed, background))
     try:
         table = _run_screen(
             model,
@@ -349,23 +369,31 @@ def _screen(
         table["position"].to_numpy(),
         table[main].to_numpy(),
         min_cells=min_cells,
+        alternative=alternative,
+        null_tokens=null_tokens,
     )
     var_token = var_tokens(target)
+    # With a gene list only the listed genes are reported; the background was their null.
+    reported = slice(None) if listed is None else np.isin(result.token, listed)
 
     def per_var(values: np.ndarray, fill: float = np.nan) -> np.ndarray:
-        return token_values_to_var(var_token, result.token, values, fill)
+        return token_values_to_var(var_token, result.token[reported], values[reported], fill)
 
     target.var[f"{key_added}_shift"] = per_var(result.shift)
     target.var[f"{key_added}_zscore"] = per_var(result.zscore)
     target.var[f"{key_added}_pval"] = per_var(result.pval)
     target.var[f"{key_added}_fdr"] = per_var(result.fdr)
     target.var[f"{key_added}_n_cells"] = per_var(result.n_cells, 0).astype(np.int64)
+    target.var[f"{key_added}_ci_low"] = per_var(result.ci_low)
+    target.var[f"{key_added}_ci_high"] = per_var(result.ci_high)
+    target.var[f"{key_added}_frac_toward"] = per_var(result.frac_toward)
     for alt in alt_states:
         alt_shift = table.groupby("token")[f"score_{alt}"].mean().reindex(result.token).to_numpy()
         target.var[f"{key_added}_shift_{alt}"] = per_var(alt_shift)
     if store_per_cell:
         target.layers[key_added] = _per_cell_layer(target, table, main, var_token)
-    params["n_genes_tested"] = int(np.isfinite(result.pval).sum())
+    params["n_genes_tested"] = int(np.isfinite(result.fdr).sum())
+    params["n_null_genes"] = int(result.n_null.max(initial=0))
     params["n_perturbations"] = len(table)
     target.uns[key_added] = params
     return target if copy else None
@@ -452,10 +480,23 @@ _SHARED_PARAMETERS = """
         still works with a warning until version 0.3).
     min_cells
         Genes perturbed in fewer cells get no p-value.
+    alternative
+        The hypothesis each p-value tests: ``"greater"`` (the default) that perturbing the gene
+        moves cells toward the goal state more than perturbing a null gene at the same rank
+        does (without states: that it changes the embedding more); ``"less"``, away from the
+        goal; ``"two-sided"``, either way.
+    n_background
+        With a gene list, also perturb this many random genes expressed in the same cells,
+        each drawn near a listed gene in mean rank and number of cells
+        (:func:`~scgeneformer.tl._background.rank_matched_background`), and test the listed
+        genes against them; they are recorded in ``uns[key_added]["background_genes"]``,
+        not in ``var``. ``0`` tests the listed genes against each other. Ignored with
+        ``genes="all"``, where every other gene is the null.
     key_added
         Prefix of the result slots.
     store_per_cell
-        Also write the per-cell shifts as a sparse ``layers[key_added]``.
+        Also write the per-cell shifts as a sparse ``layers[key_added]`` (background genes
+        included; :func:`~scgeneformer.tl.perturbation_stats` reads it).
     token_budget, device, dtype
         As in :func:`~scgeneformer.tl.embed` (``batch_tokens=`` is the old name of
         ``token_budget``).
@@ -466,21 +507,33 @@ _SHARED_PARAMETERS = """
 
     Returns
     -------
-    None, or a new AnnData with ``copy=True``. Writes, per gene, ``var[f"{key_added}_shift"]``
-    (mean shift toward the goal over the cells where it was perturbed), ``_pval`` and
-    ``_fdr`` (against the other genes' rank-matched shifts, see Notes), ``_zscore`` (the
-    rank-adjusted statistic they come from), ``_n_cells``, and
-    ``_shift_{state}`` per alt state; the parameters in ``uns[key_added]``.
+    None, or a new AnnData with ``copy=True``. Writes, per gene,
+    ``var[f"{key_added}_shift"]`` (mean shift toward the goal over the cells where it was
+    perturbed), ``_ci_low`` and ``_ci_high`` (its 95% t-interval across those cells),
+    ``_frac_toward`` (the share of them the perturbation moved toward the goal; without
+    states, the share it changed at all), ``_zscore`` (the rank-adjusted statistic, the one
+    to rank by), ``_pval`` and ``_fdr`` (see Notes), ``_n_cells``, and ``_shift_{state}`` per
+    alt state; the parameters, the test direction, the null and the background genes in
+    ``uns[key_added]``.
 
     Notes
     -----
     The per-cell score is ``cos(variant, goal) - cos(original, goal)``: positive when the
     perturbation moves the cell toward the goal. Deleting a highly ranked gene moves any cell
     more, so each score is compared with the other genes perturbed at nearby rank positions
-    in the same cell; a gene's z-score is the mean of these residuals, and its p-value comes
-    from the empirical null of all *other* genes' z-scores (median and MAD), with
-    Benjamini-Hochberg FDR. A small FDR therefore says that a gene stands out from the rest
-    of this screen, in this model; it is a ranking to follow up, not proof of causation.
+    in the same cell; a gene's z-score is the mean of these residuals over its cells, scaled
+    by their pooled spread.
+
+    A p-value says how unusual the gene's z-score is among the null genes' (the other genes
+    of the screen, or the background with a gene list), in the direction ``alternative``
+    names: the null is the null genes' median and spread (MAD), with a Student t tail for
+    ``m`` null genes (Efron's empirical null); and it is never smaller than the smallest
+    p-value a sign test across the gene's ``n`` cells could give, ``2**-n`` (``2**(1 - n)``
+    two-sided): 15 cells cannot give less than 3e-5, whatever the z-score. With fewer than
+    three null genes every p-value is 1. FDR is Benjamini-Hochberg over the genes tested. A small
+    FDR says that a gene stands out from the other genes of this screen, in this model; it is
+    a ranking to follow up, not proof of causation, and not a test that the state difference
+    is real (see the docs page "Reading a screen").
 """
 
 
@@ -499,6 +552,8 @@ def in_silico_delete(
     emb_layer: int = -1,
     pooling: str = "mean",
     min_cells: int = 3,
+    alternative: str = "greater",
+    n_background: int = 200,
     key_added: str = "in_silico_delete",
     store_per_cell: bool = False,
     token_budget: int | None = None,
@@ -537,6 +592,8 @@ def in_silico_delete(
         emb_layer=emb_layer,
         pooling=pooling,
         min_cells=min_cells,
+        alternative=alternative,
+        n_background=n_background,
         key_added=key_added,
         store_per_cell=store_per_cell,
         token_budget=token_budget,
@@ -561,6 +618,8 @@ def in_silico_overexpress(
     emb_layer: int = -1,
     pooling: str = "mean",
     min_cells: int = 3,
+    alternative: str = "greater",
+    n_background: int = 200,
     key_added: str = "in_silico_overexpress",
     store_per_cell: bool = False,
     token_budget: int | None = None,
@@ -596,6 +655,8 @@ def in_silico_overexpress(
         emb_layer=emb_layer,
         pooling=pooling,
         min_cells=min_cells,
+        alternative=alternative,
+        n_background=n_background,
         key_added=key_added,
         store_per_cell=store_per_cell,
         token_budget=token_budget,
