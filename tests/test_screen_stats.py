@@ -1,4 +1,4 @@
-"""Screen statistics: test direction, p-value floor, background genes, effect sizes, Geneformer's tables."""
+"""Screen statistics: direction, p-value floor, background genes, effect sizes, Geneformer."""
 
 from __future__ import annotations
 
