@@ -78,6 +78,8 @@ def _screen(args: argparse.Namespace) -> int:
         max_cells=args.max_cells,
         emb_layer=args.layer,
         min_cells=args.min_cells,
+        alternative=args.alternative,
+        n_null_genes=args.n_null_genes,
         key_added=args.key_added,
         store_per_cell=args.per_cell,
         device=args.device,
@@ -87,13 +89,14 @@ def _screen(args: argparse.Namespace) -> int:
     table = screen_table(adata, args.key_added)
     if args.table is not None:
         table.to_csv(args.table, index_label="var_name")
-    tested = table[table["tested"]]
-    top = ", ".join(map(str, tested.index[: min(10, len(tested))]))
+    tested = table[table["tested"]].head(10)
+    top = ", ".join(f"{g} (FDR {q:.2g})" for g, q in zip(tested.index, tested["fdr"], strict=True))
+    n_ranked, n_cells = int(table["tested"].sum()), adata.uns[args.key_added]["n_start_cells"]
     print(
-        f"{len(tested):,} genes ranked over {adata.uns[args.key_added]['n_start_cells']} "
+        f"{n_ranked:,} genes ranked over {n_cells} "
         f"'{args.start}' cells -> {args.output}"
         + ("" if args.table is None else f" and {args.table}")
-        + f"; top by z-score: {top}"
+        + f"; top by z-score ({adata.uns[args.key_added]['alternative']}): {top}"
     )
     return 0
 
@@ -157,6 +160,15 @@ def _add_screen_command(subparsers: argparse._SubParsersAction, command: str, ac
     screen.add_argument("--max-cells", type=int, help="start cells to screen at most")
     screen.add_argument(
         "--min-cells", type=int, default=3, help="cells a gene needs to be tested and ranked"
+    )
+    screen.add_argument(
+        "--alternative",
+        default="greater",
+        choices=("greater", "less", "two-sided"),
+        help=f"test direction: greater = the {action} moves cells toward the goal",
+    )
+    screen.add_argument(
+        "--n-null-genes", type=int, default=200, help="random null genes beside a --genes list"
     )
     screen.add_argument("--key-added", default=f"in_silico_{command}", help="prefix of the slots")
     screen.add_argument("--per-cell", action="store_true", help="also the per-cell layer")

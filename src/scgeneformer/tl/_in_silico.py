@@ -33,13 +33,14 @@ from .._slots import positions_of, token_values_to_var, var_tokens
 from ..model import Geneformer, GeneformerClassifier
 from ..train._distributed import setup_distributed
 from ._anchor import anchor_token, anchor_variants, check_anchor_present
+from ._background import rank_matched_background
 from ._compiled import EncoderRunner
 from ._cost import warn_if_slow_on_cpu
 from ._downstream import GeneShifts, write_gene_shifts
-from ._first_order import MAGNITUDE_PROJECTIONS, gate_estimates, rank_matched_background
+from ._first_order import MAGNITUDE_PROJECTIONS, gate_estimates, rank_matched_positions
 from ._inference import check_pooling, encode_cells, hidden_layer_index, inference_on
 from ._model_arg import encoder_of, warn_if_not_finetuned_on
-from ._perturb_stats import gene_statistics
+from ._perturb_stats import check_alternative, gene_statistics, null_description
 from ._tokens import cell_tokens
 
 METHODS = ("exact", "first_order", "two_stage")
@@ -78,7 +79,7 @@ class _Screen:
         order = torch.argsort(estimate, descending=True, stable=True)
         candidates = order[: self.n_exact].numpy()
         rng = np.random.default_rng([self.random_state, int(c)])
-        others = rank_matched_background(
+        others = rank_matched_positions(
             np.arange(positions.numel()), candidates, self.n_background, rng
         )
         exact = torch.zeros_like(everything)
@@ -368,6 +369,8 @@ def _screen(
     emb_layer: int,
     pooling: str,
     min_cells: int,
+    alternative: str,
+    n_null_genes: int,
     key_added: str,
     store_per_cell: bool,
     token_budget: int | None,
@@ -411,6 +414,11 @@ def _screen(
             f"needs single deletions with method='exact' or 'two_stage' (got mode={mode!r}, "
             f"method={method!r}, combine={combine})."
         )
+    check_alternative(alternative)
+    if isinstance(n_null_genes, bool) or not isinstance(n_null_genes, int | np.integer):
+        raise TypeError(f"n_null_genes must be an integer, got {n_null_genes!r}.")
+    if n_null_genes < 0:
+        raise ValueError(f"n_null_genes must be at least 0, got {n_null_genes}.")
 
     target = adata.copy() if copy else adata
     # Under torchrun each process screens its own share of the cells; all get every result.
@@ -486,8 +494,7 @@ def _screen(
         "score": "cos(variant, goal) - cos(original, goal)"
         if targets
         else "1 - cos(variant, original)",
-        "null": "rank-matched residuals vs other genes in the same cells; empirical null of "
-        "the other genes' statistics (median/MAD); Benjamini-Hochberg FDR",
+        "alternative": alternative,
         "model_preset": model.preset or "custom",
         "vocabulary_sha256": model.vocab.sha256,
         "random_state": int(random_state),
@@ -512,8 +519,26 @@ def _screen(
         )
         return target if copy else None
 
+    null_genes = np.empty(0, dtype=np.int64)
+    if listed is not None:
+        special = np.asarray(list(model.vocab.special_tokens.values()))
+        null_genes = rank_matched_background(
+            tokens,
+            n_tokens,
+            start,
+            listed,
+            n_null_genes,
+            special=special,
+            min_cells=min_cells,
+            random_state=random_state,
+        )
+        params["null_genes"] = [str(g) for g in model.vocab.gene_by_token[null_genes]]
+    # Without null genes (none asked for, or none expressed) the listed genes face each other.
+    null_tokens = null_genes if len(null_genes) else None
+    params["null"] = null_description(null_tokens is not None)
+    screened = None if listed is None else np.union1d(listed, null_genes)
     screen = _Screen(
-        mode, targets, listed, method, n_exact, n_background, random_state, gene_shifts, anchor
+        mode, targets, screened, method, n_exact, n_background, random_state, gene_shifts, anchor
     )
     try:
         table, pairs = _run_screen(
@@ -549,10 +574,15 @@ def _screen(
         score,
         min_cells=min_cells,
         baseline=scored["baseline"].to_numpy(bool),
+        alternative=alternative,
+        null_tokens=null_tokens,
     )
     var_token = var_tokens(target)
 
     def per_var(values: np.ndarray, tokens: np.ndarray = result.token, fill: float = np.nan):
+        if listed is not None:  # the null genes were the listed genes' null, not results
+            keep = np.isin(tokens, listed)
+            tokens, values = tokens[keep], values[keep]
         if len(tokens) == 0:
             return np.full(len(var_token), fill)
         return token_values_to_var(var_token, tokens, values, fill)
@@ -567,6 +597,9 @@ def _screen(
     target.var[f"{key_added}_pval"] = per_var(result.pval)
     target.var[f"{key_added}_fdr"] = per_var(result.fdr)
     target.var[f"{key_added}_n_cells"] = per_var(result.n_cells, fill=0).astype(np.int64)
+    target.var[f"{key_added}_ci_low"] = per_var(result.ci_low)
+    target.var[f"{key_added}_ci_high"] = per_var(result.ci_high)
+    target.var[f"{key_added}_frac_toward"] = per_var(result.frac_toward)
     for alt in alt_states:
         target.var[f"{key_added}_shift_{alt}"] = gene_means(f"score_{alt}", exact_rows)
     if method != "exact":
@@ -607,7 +640,8 @@ def _screen(
         params["n_background"] = int(n_background)
     params["exact_share"] = float(exact.mean()) if len(table) else 0.0
     params["statistics_from"] = _STATISTICS_FROM[method]
-    params["n_genes_tested"] = int(np.isfinite(result.pval).sum())
+    params["n_genes_tested"] = int(np.isfinite(result.fdr).sum())
+    params["n_null_genes"] = int(result.n_null.max(initial=0))
     params["n_perturbations"] = int(exact.sum())
     params["n_estimates"] = len(table) if method != "exact" else 0
     target.uns[key_added] = params
@@ -760,10 +794,23 @@ _SHARED_PARAMETERS = """
         still works with a warning until version 0.3).
     min_cells
         Genes perturbed in fewer cells get no p-value.
+    alternative
+        The hypothesis each p-value tests: ``"greater"`` (the default) that perturbing the gene
+        moves cells toward the goal state more than perturbing a null gene at the same rank
+        does (without states: that it changes the embedding more); ``"less"``, away from the
+        goal; ``"two-sided"``, either way.
+    n_null_genes
+        With a gene list, also perturb this many random genes expressed in the same cells,
+        each drawn near a listed gene in mean rank and number of cells
+        (:func:`~scgeneformer.tl._background.rank_matched_background`), and test the listed
+        genes against them; they are recorded in ``uns[key_added]["null_genes"]``,
+        not in ``var``. ``0`` tests the listed genes against each other. Ignored with
+        ``genes="all"``, where every other gene is the null.
     key_added
         Prefix of the result slots.
     store_per_cell
-        Also write the per-cell shifts as a sparse ``layers[key_added]``.
+        Also write the per-cell shifts as a sparse ``layers[key_added]`` (background genes
+        included; :func:`~scgeneformer.tl.perturbation_stats` reads it).
     token_budget, device, dtype
         As in :func:`~scgeneformer.tl.embed` (``batch_tokens=`` is the old name of
         ``token_budget``).
@@ -780,11 +827,15 @@ _SHARED_PARAMETERS = """
     where it never was, so all NaN with ``"first_order"``), ``_pval`` and ``_fdr`` (against
     the other genes' rank-matched shifts, see Notes), ``_zscore`` (the rank-adjusted
     statistic they come from), ``_n_cells`` (the cells those statistics use), and
-    ``_shift_{state}`` per alt state. With ``"first_order"`` and ``"two_stage"`` also
-    ``_estimate`` (mean first-order estimate over every cell with the gene),
-    ``_estimate_{state}`` and ``_n_cells_estimate``; with ``store_per_cell`` the estimates
-    go to ``layers[f"{key_added}_estimate"]`` beside the exact ``layers[key_added]``.
-    ``uns[key_added]`` holds the parameters, ``method``, ``n_exact``, ``exact_share`` (the
+    ``_shift_{state}`` per alt state; ``_ci_low`` and ``_ci_high`` (a 95% t-interval of the
+    mean shift across its cells) and ``_frac_toward`` (the share of them the perturbation
+    moved toward the goal; without states, the share it changed at all). With
+    ``"first_order"`` and ``"two_stage"`` also ``_estimate`` (mean first-order estimate over
+    every cell with the gene), ``_estimate_{state}`` and ``_n_cells_estimate``; with
+    ``store_per_cell`` the estimates go to ``layers[f"{key_added}_estimate"]`` beside the
+    exact ``layers[key_added]``.
+    ``uns[key_added]`` holds the parameters, the test direction, the null and its
+    ``null_genes`` (with a gene list), ``method``, ``n_exact``, ``exact_share`` (the
     share of (cell, gene) pairs deleted exactly) and ``statistics_from``. With
     ``gene_shifts=True``: sparse ``varp[f"{key_added}_gene_shift"]`` (deleted x affected
     gene, the mean downstream shift over the cells where both were present and the first
@@ -799,10 +850,19 @@ _SHARED_PARAMETERS = """
     The per-cell score is ``cos(variant, goal) - cos(original, goal)``: positive when the
     perturbation moves the cell toward the goal. Deleting a highly ranked gene moves any cell
     more, so each score is compared with the other genes perturbed at nearby rank positions
-    in the same cell; a gene's z-score is the mean of these residuals, and its p-value comes
-    from the empirical null of all *other* genes' z-scores (median and MAD), with
-    Benjamini-Hochberg FDR. A small FDR therefore says that a gene stands out from the rest
-    of this screen, in this model; it is a ranking to follow up, not proof of causation.
+    in the same cell; a gene's z-score is the mean of these residuals over its cells, scaled
+    by their pooled spread.
+
+    A p-value says how unusual the gene's z-score is among the null genes' (the other genes
+    of the screen, or the background with a gene list), in the direction ``alternative``
+    names: the null is the null genes' median and spread (MAD), with a Student t tail for
+    ``m`` null genes (Efron's empirical null); and it is never smaller than the smallest
+    p-value a sign test across the gene's ``n`` cells could give, ``2**-n`` (``2**(1 - n)``
+    two-sided): 15 cells cannot give less than 3e-5, whatever the z-score. With fewer than
+    three null genes every p-value is 1. FDR is Benjamini-Hochberg over the genes tested. A small
+    FDR says that a gene stands out from the other genes of this screen, in this model; it is
+    a ranking to follow up, not proof of causation, and not a test that the state difference
+    is real (see the docs page "Reading a screen").
 
     Which numbers the statistics come from depends on ``method``. ``"exact"``: every exact
     deletion. ``"first_order"``: the estimates, ranked and tested the same way (estimates
@@ -854,6 +914,8 @@ def in_silico_delete(
     emb_layer: int = -1,
     pooling: str = "mean",
     min_cells: int = 3,
+    alternative: str = "greater",
+    n_null_genes: int = 200,
     key_added: str = "in_silico_delete",
     store_per_cell: bool = False,
     token_budget: int | None = None,
@@ -899,6 +961,8 @@ def in_silico_delete(
         emb_layer=emb_layer,
         pooling=pooling,
         min_cells=min_cells,
+        alternative=alternative,
+        n_null_genes=n_null_genes,
         key_added=key_added,
         store_per_cell=store_per_cell,
         token_budget=token_budget,
@@ -924,6 +988,8 @@ def in_silico_overexpress(
     emb_layer: int = -1,
     pooling: str = "mean",
     min_cells: int = 3,
+    alternative: str = "greater",
+    n_null_genes: int = 200,
     key_added: str = "in_silico_overexpress",
     store_per_cell: bool = False,
     token_budget: int | None = None,
@@ -965,6 +1031,8 @@ def in_silico_overexpress(
         emb_layer=emb_layer,
         pooling=pooling,
         min_cells=min_cells,
+        alternative=alternative,
+        n_null_genes=n_null_genes,
         key_added=key_added,
         store_per_cell=store_per_cell,
         token_budget=token_budget,
