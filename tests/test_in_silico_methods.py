@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import scgeneformer as sgf
-from scgeneformer.tl._first_order import _gated_pool, gate_estimates, rank_matched_background
+from scgeneformer.tl._first_order import _gated_pool, gate_estimates, rank_matched_positions
 from scgeneformer.tl._perturb_stats import rank_residuals
 
 from .test_in_silico import states_data  # noqa: F401  (the shared fixture)
@@ -138,15 +138,15 @@ def test_first_order_writes_estimates_and_no_exact_shift(screen_data):
     assert adata.uns["in_silico_delete"]["exact_share"] == 0.0
 
 
-def test_rank_matched_background_avoids_candidates_and_follows_their_ranks():
+def test_rank_matched_positions_avoids_candidates_and_follows_their_ranks():
     rng = np.random.default_rng(0)
     positions = np.arange(1, 200)
     chosen = np.array([1, 2, 3, 100, 101])
-    picked = rank_matched_background(positions, chosen, 5, rng)
+    picked = rank_matched_positions(positions, chosen, 5, rng)
     assert len(set(picked)) == 5 and not set(picked) & set(chosen)
     # Each background gene sits next to a candidate's rank: the nearest free positions.
     assert np.abs(picked[:, None] - chosen[None, :]).min(axis=1).max() <= 3
-    assert len(rank_matched_background(positions[:7], chosen[:3], 10, rng)) == 4
+    assert len(rank_matched_positions(positions[:7], chosen[:3], 10, rng)) == 4
 
 
 def test_baseline_only_residuals_ignore_the_other_deletions():

@@ -147,7 +147,7 @@ def gate_estimates(
     ]
 
 
-def rank_matched_background(
+def rank_matched_positions(
     positions: np.ndarray, chosen: np.ndarray, n: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Up to ``n`` of ``positions`` outside ``chosen``, each near the rank of a chosen one.
@@ -159,7 +159,7 @@ def rank_matched_background(
 
     Examples
     --------
-    >>> rank_matched_background(np.arange(10), np.array([0, 1]), 2, np.random.default_rng(0))
+    >>> rank_matched_positions(np.arange(10), np.array([0, 1]), 2, np.random.default_rng(0))
     array([2, 3])
     """
     free = np.setdiff1d(positions, chosen)
