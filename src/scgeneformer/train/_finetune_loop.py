@@ -202,15 +202,19 @@ def fit_classifier(
         packed=packed,
         device=device,
         dtype=dtype,
-        scaler=loss_scaler(plan),
     )
     lr = options.lr
     if lr == "auto":
         clf.train()
         lr, _ = lr_range_test(
-            clf, batches, step_on, lambda rate: adamw(clf, rate, options.weight_decay)
+            clf,
+            batches,
+            functools.partial(step_on, scaler=loss_scaler(plan)),
+            lambda rate: adamw(clf, rate, options.weight_decay),
         )
         logger.info(f"{desc}: learning-rate range test chose a peak rate of {lr:.2e}.")
+    # Its own scaler: the range test's high rates may have shrunk the loss scale.
+    train_step = functools.partial(step_on, scaler=loss_scaler(plan))
     optimizer = adamw(clf, lr, options.weight_decay)
     total_steps = options.epochs * len(batches)
     warmup = round(options.warmup_fraction * total_steps)
@@ -224,7 +228,7 @@ def fit_classifier(
             clf.train()
             losses = []
             for batch in batches:
-                losses.append(step_on(optimizer, batch))
+                losses.append(train_step(optimizer, batch))
                 scheduler.step()
                 step += 1
                 bar.update()
