@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -187,148 +189,271 @@ def synthetic_states(
     >>> drivers["true_effect"].tolist()
     [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
     """
-    state_names = _check_state_names(state_names)
-    n_cells = _check_int("n_cells", n_cells, minimum=2)
-    n_genes = _check_int("n_genes", n_genes, minimum=1)
-    n_drivers = _check_int("n_drivers", n_drivers, minimum=1)
-    n_down_drivers = _check_int("n_down_drivers", n_down_drivers, minimum=0)
-    n_targets_per_driver = _check_int("n_targets_per_driver", n_targets_per_driver, minimum=0)
-    n_housekeeping = _check_int("n_housekeeping", n_housekeeping, minimum=0)
-    n_cell_types = _check_int("n_cell_types", n_cell_types, minimum=1)
-    n_donors = _check_int("n_donors", n_donors, minimum=1)
-    disease_fraction = _check_real("disease_fraction", disease_fraction)
-    effect_size = _check_real("effect_size", effect_size, minimum=0.0)
-    mean_library_size = _check_real("mean_library_size", mean_library_size)
-    library_size_cv = _check_real("library_size_cv", library_size_cv, minimum=0.0)
-    dispersion = _check_real("dispersion", dispersion, minimum=0.0)
-    if n_down_drivers > n_drivers:
-        raise ValueError(
-            f"n_down_drivers={n_down_drivers} is more than n_drivers={n_drivers}; "
-            "the down drivers are a subset of the drivers."
-        )
-    if not 0.0 < disease_fraction < 1.0:
-        raise ValueError(
-            f"disease_fraction must be strictly between 0 and 1, got {disease_fraction}: "
-            "both states need cells."
-        )
-    if mean_library_size <= 0.0:
-        raise ValueError(f"mean_library_size must be positive, got {mean_library_size}.")
-    n_disease = round(n_cells * disease_fraction)
-    counts_per_state = {state_names[0]: n_cells - n_disease, state_names[1]: n_disease}
-    for name, count in counts_per_state.items():
-        if count < n_donors:
-            raise ValueError(
-                f"n_cells={n_cells} with disease_fraction={disease_fraction} gives {count} "
-                f"{name!r} cells, fewer than n_donors={n_donors}; every donor needs cells of "
-                "both states. Raise n_cells, or lower n_donors."
-            )
-    n_state_genes = n_drivers * (1 + n_targets_per_driver)
-    n_neutral = n_genes - n_state_genes - n_housekeeping
-    min_neutral = n_cell_types if n_cell_types > 1 else 1
-    if n_neutral < min_neutral:
-        raise ValueError(
-            f"n_genes={n_genes} is too small: {n_drivers} drivers x (1 + "
-            f"{n_targets_per_driver} targets) + {n_housekeeping} housekeeping genes take "
-            f"{n_state_genes + n_housekeeping}, and at least {min_neutral} neutral gene(s) "
-            f"must remain (one per cell type). Use n_genes >= "
-            f"{n_state_genes + n_housekeeping + min_neutral}."
-        )
-    if random_state is None:
-        seed = int(np.random.SeedSequence().generate_state(1)[0])
-    else:
-        seed = _check_int("random_state", random_state, minimum=0)
-    rng = np.random.default_rng(seed)
+    design = _Design(
+        state_names=_check_state_names(state_names),
+        n_cells=_check_int("n_cells", n_cells, minimum=2),
+        n_genes=_check_int("n_genes", n_genes, minimum=1),
+        n_drivers=_check_int("n_drivers", n_drivers, minimum=1),
+        n_down_drivers=_check_int("n_down_drivers", n_down_drivers, minimum=0),
+        n_targets_per_driver=_check_int("n_targets_per_driver", n_targets_per_driver, minimum=0),
+        n_housekeeping=_check_int("n_housekeeping", n_housekeeping, minimum=0),
+        disease_fraction=_check_real("disease_fraction", disease_fraction),
+        n_cell_types=_check_int("n_cell_types", n_cell_types, minimum=1),
+        n_donors=_check_int("n_donors", n_donors, minimum=1),
+        effect_size=_check_real("effect_size", effect_size, minimum=0.0),
+        mean_library_size=_check_real("mean_library_size", mean_library_size),
+        library_size_cv=_check_real("library_size_cv", library_size_cv, minimum=0.0),
+        dispersion=_check_real("dispersion", dispersion, minimum=0.0),
+        random_state=(
+            int(np.random.SeedSequence().generate_state(1)[0])
+            if random_state is None
+            else _check_int("random_state", random_state, minimum=0)
+        ),
+    )
+    design.check()
+    # The draws below happen in one fixed order (cells, gene levels, rates, counts, gene
+    # order), so a seed keeps giving the same data.
+    rng = np.random.default_rng(design.random_state)
+    cells = _simulate_cells(design, rng)
+    genes = _gene_levels(design, rng)
+    eta = _log_rates(design, cells, genes, rng)
+    counts = _draw_counts(design, cells.library, eta, rng)
+    var, order = _gene_annotations(design, genes, rng)
+    return AnnData(
+        X=sparse.csr_matrix(counts[:, order]),
+        obs=_cell_annotations(design, cells, counts),
+        var=var,
+        uns={
+            "synthetic_states": dataclasses.asdict(design)
+            | {"state_names": list(design.state_names)}
+        },
+    )
 
-    # Cells: state, donor (dealt evenly within each state), cell type, library size.
+
+@dataclasses.dataclass(frozen=True)
+class _Design:
+    """The checked arguments of :func:`synthetic_states`, and the block sizes they imply."""
+
+    n_cells: int
+    n_genes: int
+    n_drivers: int
+    n_down_drivers: int
+    n_targets_per_driver: int
+    n_housekeeping: int
+    state_names: tuple[str, str]
+    disease_fraction: float
+    n_cell_types: int
+    n_donors: int
+    effect_size: float
+    mean_library_size: float
+    library_size_cv: float
+    dispersion: float
+    random_state: int
+
+    @property
+    def n_disease(self) -> int:
+        return round(self.n_cells * self.disease_fraction)
+
+    @property
+    def n_targets(self) -> int:
+        return self.n_drivers * self.n_targets_per_driver
+
+    @property
+    def n_neutral(self) -> int:
+        return self.n_genes - self.n_drivers - self.n_targets - self.n_housekeeping
+
+    @property
+    def blocks(self) -> tuple[int, int, int]:
+        """Where targets, housekeeping and neutral genes start (drivers start at 0)."""
+        i_tgt = self.n_drivers
+        i_hk = i_tgt + self.n_targets
+        return i_tgt, i_hk, i_hk + self.n_housekeeping
+
+    def check(self) -> None:
+        """Refuse combinations of arguments that cannot hold the requested cells and genes."""
+        if self.n_down_drivers > self.n_drivers:
+            raise ValueError(
+                f"n_down_drivers={self.n_down_drivers} is more than n_drivers={self.n_drivers}; "
+                "the down drivers are a subset of the drivers."
+            )
+        if not 0.0 < self.disease_fraction < 1.0:
+            raise ValueError(
+                "disease_fraction must be strictly between 0 and 1, got "
+                f"{self.disease_fraction}: both states need cells."
+            )
+        if self.mean_library_size <= 0.0:
+            raise ValueError(f"mean_library_size must be positive, got {self.mean_library_size}.")
+        counts_per_state = {
+            self.state_names[0]: self.n_cells - self.n_disease,
+            self.state_names[1]: self.n_disease,
+        }
+        for name, count in counts_per_state.items():
+            if count < self.n_donors:
+                raise ValueError(
+                    f"n_cells={self.n_cells} with disease_fraction={self.disease_fraction} "
+                    f"gives {count} {name!r} cells, fewer than n_donors={self.n_donors}; every "
+                    "donor needs cells of both states. Raise n_cells, or lower n_donors."
+                )
+        n_state_genes = self.n_drivers + self.n_targets
+        min_neutral = self.n_cell_types if self.n_cell_types > 1 else 1
+        if self.n_neutral < min_neutral:
+            raise ValueError(
+                f"n_genes={self.n_genes} is too small: {self.n_drivers} drivers x (1 + "
+                f"{self.n_targets_per_driver} targets) + {self.n_housekeeping} housekeeping "
+                f"genes take {n_state_genes + self.n_housekeeping}, and at least {min_neutral} "
+                "neutral gene(s) must remain (one per cell type). Use n_genes >= "
+                f"{n_state_genes + self.n_housekeeping + min_neutral}."
+            )
+
+
+class _Cells(NamedTuple):
+    state: np.ndarray  # 0 or 1 per cell
+    donor: np.ndarray
+    cell_type: np.ndarray
+    library: np.ndarray
+
+
+class _GeneLevels(NamedTuple):
+    delta: np.ndarray  # per driver: change of log rate in state 1
+    driver_base: np.ndarray
+    target_driver: np.ndarray  # per target: its driver's block position
+    loading: np.ndarray
+    target_base: np.ndarray
+    housekeeping_base: np.ndarray
+    neutral_base: np.ndarray
+    marker_type: np.ndarray  # per neutral gene: the cell type it marks, -1 for none
+    marker_effect: np.ndarray
+
+
+def _simulate_cells(design: _Design, rng: np.random.Generator) -> _Cells:
+    """Draw each cell's state, donor (dealt evenly per state), cell type and library size."""
+    n_cells, n_disease = design.n_cells, design.n_disease
     state = rng.permutation(np.repeat(np.array([0, 1]), [n_cells - n_disease, n_disease]))
     donor = np.empty(n_cells, dtype=np.int64)
     for s in (0, 1):
         members = np.flatnonzero(state == s)
-        donor[members] = rng.permutation(np.arange(members.size) % n_donors)
-    cell_type = rng.integers(n_cell_types, size=n_cells)
-    sigma2_lib = math.log1p(library_size_cv**2)
+        donor[members] = rng.permutation(np.arange(members.size) % design.n_donors)
+    cell_type = rng.integers(design.n_cell_types, size=n_cells)
+    sigma2_lib = math.log1p(design.library_size_cv**2)
     library = rng.lognormal(
-        math.log(mean_library_size) - sigma2_lib / 2, math.sqrt(sigma2_lib), size=n_cells
+        math.log(design.mean_library_size) - sigma2_lib / 2, math.sqrt(sigma2_lib), size=n_cells
     )
+    return _Cells(state, donor, cell_type, library)
 
-    # Genes, in role blocks first; shuffled at the end.
-    ln2 = math.log(2.0)
+
+def _gene_levels(design: _Design, rng: np.random.Generator) -> _GeneLevels:
+    """Draw base levels of every gene block, the drivers' state effect and the markers."""
+    n_drivers, n_neutral = design.n_drivers, design.n_neutral
     neutral_base = rng.normal(0.0, _BASE_SD, size=n_neutral)
     direction = np.ones(n_drivers)
-    direction[n_drivers - n_down_drivers :] = -1.0
-    delta = direction * effect_size * ln2
+    direction[n_drivers - design.n_down_drivers :] = -1.0
+    delta = direction * design.effect_size * math.log(2.0)
     driver_high = np.quantile(neutral_base, rng.uniform(*_DRIVER_HIGH_QUANTILES, size=n_drivers))
     driver_base = driver_high - np.maximum(delta, 0.0)
 
-    target_driver = np.repeat(np.arange(n_drivers), n_targets_per_driver)
-    n_targets = target_driver.size
-    loading = rng.uniform(*_LOADING_RANGE, size=n_targets)
-    target_high = np.quantile(neutral_base, rng.uniform(*_TARGET_HIGH_QUANTILES, size=n_targets))
+    target_driver = np.repeat(np.arange(n_drivers), design.n_targets_per_driver)
+    loading = rng.uniform(*_LOADING_RANGE, size=design.n_targets)
+    target_high = np.quantile(
+        neutral_base, rng.uniform(*_TARGET_HIGH_QUANTILES, size=design.n_targets)
+    )
     target_base = target_high - loading * np.maximum(delta[target_driver], 0.0)
 
-    housekeeping_base = rng.normal(_HOUSEKEEPING_LEVEL, _HOUSEKEEPING_SD, size=n_housekeeping)
+    housekeeping_base = rng.normal(
+        _HOUSEKEEPING_LEVEL, _HOUSEKEEPING_SD, size=design.n_housekeeping
+    )
 
     marker_type = np.full(n_neutral, -1)
     marker_effect = np.zeros(n_neutral)
-    if n_cell_types > 1:
-        per_type = max(1, round(_MARKER_FRACTION * n_neutral / n_cell_types))
-        chosen = rng.choice(n_neutral, size=per_type * n_cell_types, replace=False)
-        marker_type[chosen] = np.repeat(np.arange(n_cell_types), per_type)
-        marker_effect[chosen] = rng.uniform(*_MARKER_LOG2FC_RANGE, size=chosen.size) * ln2
-
-    # Log rates, genes ordered drivers | targets | housekeeping | neutral.
-    activity = delta * state[:, None] + rng.normal(0.0, _ACTIVITY_SD, size=(n_cells, n_drivers))
-    eta = np.empty((n_cells, n_genes))
-    i_tgt = n_drivers
-    i_hk = i_tgt + n_targets
-    i_neu = i_hk + n_housekeeping
-    eta[:, :i_tgt] = driver_base + activity
-    eta[:, i_tgt:i_hk] = (
-        target_base
-        + loading * activity[:, target_driver]
-        + rng.normal(0.0, _TARGET_NOISE_SD, size=(n_cells, n_targets))
+    if design.n_cell_types > 1:
+        per_type = max(1, round(_MARKER_FRACTION * n_neutral / design.n_cell_types))
+        chosen = rng.choice(n_neutral, size=per_type * design.n_cell_types, replace=False)
+        marker_type[chosen] = np.repeat(np.arange(design.n_cell_types), per_type)
+        marker_effect[chosen] = rng.uniform(*_MARKER_LOG2FC_RANGE, size=chosen.size) * math.log(2)
+    return _GeneLevels(
+        delta,
+        driver_base,
+        target_driver,
+        loading,
+        target_base,
+        housekeeping_base,
+        neutral_base,
+        marker_type,
+        marker_effect,
     )
-    eta[:, i_hk:i_neu] = housekeeping_base
-    eta[:, i_neu:] = neutral_base + marker_effect * (cell_type[:, None] == marker_type)
-    donor_effect = rng.normal(0.0, _DONOR_SD, size=(n_donors, n_genes))
-    donor_effect[:, i_hk:i_neu] = 0.0
-    eta += donor_effect[donor]
 
-    # Each cell's rates become shares of its library (a softmax, shifted to avoid overflow).
-    eta -= eta.max(axis=1, keepdims=True)
+
+def _log_rates(
+    design: _Design, cells: _Cells, genes: _GeneLevels, rng: np.random.Generator
+) -> np.ndarray:
+    """Draw log expression rates, cells x genes (drivers | targets | housekeeping | neutral)."""
+    i_tgt, i_hk, i_neu = design.blocks
+    activity = genes.delta * cells.state[:, None] + rng.normal(
+        0.0, _ACTIVITY_SD, size=(design.n_cells, design.n_drivers)
+    )
+    eta = np.empty((design.n_cells, design.n_genes))
+    eta[:, :i_tgt] = genes.driver_base + activity
+    eta[:, i_tgt:i_hk] = (
+        genes.target_base
+        + genes.loading * activity[:, genes.target_driver]
+        + rng.normal(0.0, _TARGET_NOISE_SD, size=(design.n_cells, design.n_targets))
+    )
+    eta[:, i_hk:i_neu] = genes.housekeeping_base
+    eta[:, i_neu:] = genes.neutral_base + genes.marker_effect * (
+        cells.cell_type[:, None] == genes.marker_type
+    )
+    donor_effect = rng.normal(0.0, _DONOR_SD, size=(design.n_donors, design.n_genes))
+    donor_effect[:, i_hk:i_neu] = 0.0
+    return eta + donor_effect[cells.donor]
+
+
+def _draw_counts(
+    design: _Design, library: np.ndarray, eta: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Draw gamma-Poisson counts whose means are each cell's library split by its rates."""
+    # A softmax of the rates, shifted to avoid overflow.
+    eta = eta - eta.max(axis=1, keepdims=True)
     share = np.exp(eta)
     share /= share.sum(axis=1, keepdims=True)
     mean = library[:, None] * share
-    if dispersion > 0.0:
-        mean = rng.gamma(1.0 / dispersion, dispersion * mean)
-    counts = rng.poisson(mean).astype(np.float32)
+    if design.dispersion > 0.0:
+        mean = rng.gamma(1.0 / design.dispersion, design.dispersion * mean)
+    return rng.poisson(mean).astype(np.float32)
 
-    # Per-gene annotations in the same block order.
+
+def _gene_annotations(
+    design: _Design, genes: _GeneLevels, rng: np.random.Generator
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Build ``var`` in shuffled gene order, and return that order (block position per gene)."""
+    n_drivers, n_targets_per_driver = design.n_drivers, design.n_targets_per_driver
+    i_tgt, i_hk, i_neu = design.blocks
     symbols = np.array(
         [f"DRV{d + 1}" for d in range(n_drivers)]
         + [f"TGT{d + 1}_{j + 1}" for d in range(n_drivers) for j in range(n_targets_per_driver)]
-        + [f"HK{i + 1}" for i in range(n_housekeeping)]
-        + [f"NEU{i + 1}" for i in range(n_neutral)],
+        + [f"HK{i + 1}" for i in range(design.n_housekeeping)]
+        + [f"NEU{i + 1}" for i in range(design.n_neutral)],
         dtype=object,
     )
     role = np.repeat(
-        np.array(GENE_ROLES, dtype=object), [n_drivers, n_targets, n_housekeeping, n_neutral]
+        np.array(GENE_ROLES, dtype=object),
+        [n_drivers, design.n_targets, design.n_housekeeping, design.n_neutral],
     )
-    true_effect = np.zeros(n_genes)
-    true_effect[:i_tgt] = delta / ln2
-    true_effect[i_tgt:i_hk] = loading * delta[target_driver] / ln2
-    type_names = np.array([f"type_{t + 1}" for t in range(n_cell_types)], dtype=object)
-    marker_of = np.full(n_genes, "", dtype=object)
-    marker_of[i_neu:][marker_type >= 0] = type_names[marker_type[marker_type >= 0]]
+    ln2 = math.log(2.0)
+    true_effect = np.zeros(design.n_genes)
+    true_effect[:i_tgt] = genes.delta / ln2
+    true_effect[i_tgt:i_hk] = genes.loading * genes.delta[genes.target_driver] / ln2
+    marker_of = np.full(design.n_genes, "", dtype=object)
+    marks = genes.marker_type >= 0
+    marker_of[i_neu:][marks] = _type_names(design)[genes.marker_type[marks]]
 
-    order = rng.permutation(n_genes)
-    gene_ids = np.array([f"{GENE_ID_PREFIX}{i + 1:011d}" for i in range(n_genes)], dtype=object)
+    order = rng.permutation(design.n_genes)
+    gene_ids = np.array(
+        [f"{GENE_ID_PREFIX}{i + 1:011d}" for i in range(design.n_genes)], dtype=object
+    )
     # The driver of each target, as the ID the driver gets after shuffling.
-    id_of_block_position = np.empty(n_genes, dtype=object)
+    id_of_block_position = np.empty(design.n_genes, dtype=object)
     id_of_block_position[order] = gene_ids
-    driver_of = np.full(n_genes, "", dtype=object)
-    driver_of[i_tgt:i_hk] = id_of_block_position[target_driver]
-
+    driver_of = np.full(design.n_genes, "", dtype=object)
+    driver_of[i_tgt:i_hk] = id_of_block_position[genes.target_driver]
     var = pd.DataFrame(
         {
             "gene_symbol": symbols[order],
@@ -340,40 +465,27 @@ def synthetic_states(
         },
         index=pd.Index(gene_ids),
     )
-    width = len(str(n_cells - 1))
-    obs = pd.DataFrame(
+    return var, order
+
+
+def _type_names(design: _Design) -> np.ndarray:
+    return np.array([f"type_{t + 1}" for t in range(design.n_cell_types)], dtype=object)
+
+
+def _cell_annotations(design: _Design, cells: _Cells, counts: np.ndarray) -> pd.DataFrame:
+    """Build ``obs``: state, cell type, donor and total counts."""
+    width = len(str(design.n_cells - 1))
+    donors = [f"donor_{k + 1}" for k in range(design.n_donors)]
+    return pd.DataFrame(
         {
-            "state": pd.Categorical.from_codes(state, categories=list(state_names)),
-            "cell_type": pd.Categorical.from_codes(cell_type, categories=list(type_names)),
-            "donor": pd.Categorical.from_codes(
-                donor, categories=[f"donor_{k + 1}" for k in range(n_donors)]
+            "state": pd.Categorical.from_codes(cells.state, categories=list(design.state_names)),
+            "cell_type": pd.Categorical.from_codes(
+                cells.cell_type, categories=list(_type_names(design))
             ),
+            "donor": pd.Categorical.from_codes(cells.donor, categories=donors),
             "n_counts": counts.sum(axis=1, dtype=np.float64),
         },
-        index=pd.Index([f"cell_{i:0{width}d}" for i in range(n_cells)]),
-    )
-    params = {
-        "n_cells": n_cells,
-        "n_genes": n_genes,
-        "n_drivers": n_drivers,
-        "n_down_drivers": n_down_drivers,
-        "n_targets_per_driver": n_targets_per_driver,
-        "n_housekeeping": n_housekeeping,
-        "state_names": list(state_names),
-        "disease_fraction": disease_fraction,
-        "n_cell_types": n_cell_types,
-        "n_donors": n_donors,
-        "effect_size": effect_size,
-        "mean_library_size": mean_library_size,
-        "library_size_cv": library_size_cv,
-        "dispersion": dispersion,
-        "random_state": seed,
-    }
-    return AnnData(
-        X=sparse.csr_matrix(counts[:, order]),
-        obs=obs,
-        var=var,
-        uns={"synthetic_states": params},
+        index=pd.Index([f"cell_{i:0{width}d}" for i in range(design.n_cells)]),
     )
 
 
