@@ -26,7 +26,7 @@ from anndata import AnnData
 
 from ._screen_table import screen_table, screen_title
 from .datasets import synthetic_states
-from .model import Geneformer, GeneformerClassifier
+from .model import Geneformer
 from .pl import confusion_matrix, deletion_ranking, loss_curve
 from .pp import rank_tokenize
 from .tl import embed, finetune, in_silico_delete, pretrain
@@ -228,7 +228,7 @@ def run_demo(config: DemoConfig) -> dict:
     comparison = _compare_with_truth(adata, table, config)
     _save_cells(adata, out / "cells.h5ad")
     config.timings["total"] = round(time.perf_counter() - start, 1)
-    _write_report(out, config, source, adata, scores, classifier, table, comparison, figures)
+    _write_report(out, config, source, adata, scores, table, comparison, figures)
     (out / "metrics.json").write_text(
         json.dumps({"comparison": comparison, "timings": config.timings}, indent=2)
     )
@@ -312,14 +312,21 @@ def _write_report(
     source: str,
     adata: AnnData,
     scores: dict,
-    classifier: GeneformerClassifier,
     table: pd.DataFrame,
     comparison: dict,
     figures: dict[str, str],
 ) -> None:
-    screen = adata.uns[KEY]
-    n_tested = comparison["n_genes_ranked"]
-    lines = [
+    lines = _report_header(config, source, adata)
+    lines += _classifier_section(scores)
+    lines += _screen_section(config, adata, table, comparison["n_genes_ranked"])
+    lines += _comparison_section(config, comparison)
+    lines += ["## Figures", ""]
+    lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in figures.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _report_header(config: DemoConfig, source: str, adata: AnnData) -> list[str]:
+    return [
         "# scgeneformer demo report",
         "",
         f"- data: `{source}`; {adata.n_obs:,} cells, {adata.n_vars:,} genes",
@@ -335,6 +342,11 @@ def _write_report(
         "`pretrained_model/` (load with `sgf.GeneformerClassifier.from_pretrained` / "
         "`sgf.Geneformer.from_pretrained`)",
         "",
+    ]
+
+
+def _classifier_section(scores: dict) -> list[str]:
+    lines = [
         "## State classifier on held-out cells",
         "",
         _split_sentence(scores) + " The baseline is logistic regression on principal "
@@ -349,8 +361,14 @@ def _write_report(
         lines.append(
             f"| PCA + logistic regression | {base['accuracy']:.3f} | {base['macro_f1']:.3f} |"
         )
-    lines += [
-        "",
+    return [*lines, ""]
+
+
+def _screen_section(
+    config: DemoConfig, adata: AnnData, table: pd.DataFrame, n_tested: int
+) -> list[str]:
+    screen = adata.uns[KEY]
+    return [
         f"## {screen_title(adata, KEY)}",
         "",
         f"{screen['n_start_cells']:,} of the {screen['n_start_cells_total']:,} `{config.start}` "
@@ -368,43 +386,19 @@ def _write_report(
         "each shift is compared with the shifts of the other genes deleted at nearby ranks in "
         "the same cell; the z-score is the standardised mean of those differences. Genes are "
         "ranked by it.",
-        "- **FDR**: Benjamini-Hochberg adjusted p-value of the z-score against the other "
-        "genes of this screen. Small means the gene stands out in this model, not that it "
-        "causes the state.",
+        "- **FDR**: Benjamini-Hochberg over the ranked genes of a one-sided p-value: how "
+        "unusual the gene's z-score is, toward the goal, among the other genes' z-scores. No "
+        "p-value is below 2^-n for a gene deleted in n cells. Small means the gene stands out "
+        "in this model, not that it causes the state.",
         "",
         *_gene_table(table),
         "",
     ]
-    if "rankings" in comparison:
-        k = comparison["k"]
-        lines += [
-            "## Ranking of the planted state genes",
-            "",
-            f"{k} of all genes are planted state genes (drivers and their targets). "
-            f"precision@{k} (the share of planted genes among the top {k}) and AUROC (the "
-            "chance that a planted gene ranks above an unplanted one) of each ranking over "
-            f"the {n_tested:,} ranked genes:",
-            "",
-            f"| ranking | precision@{k} | AUROC |",
-            "|---|---|---|",
-        ]
-        for name, m in comparison["rankings"].items():
-            lines.append(f"| {name} | {m['precision_at_k']:.3f} | {m['auroc']:.3f} |")
-        ours = comparison["rankings"]["deletion z-score (rank-adjusted)"]
-        de = comparison["rankings"]["differential expression (Wilcoxon)"]
-        if ours["auroc"] > de["auroc"] and ours["precision_at_k"] > de["precision_at_k"]:
-            verdict = "In silico deletion ranks the planted genes better than the DE baseline."
-        else:
-            verdict = (
-                "**In silico deletion does not beat the differential-expression baseline here.** "
-                "In this simulation every planted gene is differentially expressed by "
-                "construction, which is exactly what a Wilcoxon test detects; deletion asks "
-                "another question (which genes the model needs to call the state) and, with a "
-                "small model trained for minutes, answers it less sharply."
-            )
-        lines += ["", verdict, ""]
-    else:
-        lines += [
+
+
+def _comparison_section(config: DemoConfig, comparison: dict) -> list[str]:
+    if "rankings" not in comparison:
+        return [
             "## Beside differential expression",
             "",
             f"{comparison['overlap_top20_with_de']} of the top 20 genes by z-score are among "
@@ -413,6 +407,30 @@ def _write_report(
             "needs to call the state, a different question from which genes differ.",
             "",
         ]
-    lines += ["## Figures", ""]
-    lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in figures.items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    k = comparison["k"]
+    lines = [
+        "## Ranking of the planted state genes",
+        "",
+        f"{k} of all genes are planted state genes (drivers and their targets). "
+        f"precision@{k} (the share of planted genes among the top {k}) and AUROC (the "
+        "chance that a planted gene ranks above an unplanted one) of each ranking over "
+        f"the {comparison['n_genes_ranked']:,} ranked genes:",
+        "",
+        f"| ranking | precision@{k} | AUROC |",
+        "|---|---|---|",
+    ]
+    for name, m in comparison["rankings"].items():
+        lines.append(f"| {name} | {m['precision_at_k']:.3f} | {m['auroc']:.3f} |")
+    ours = comparison["rankings"]["deletion z-score (rank-adjusted)"]
+    de = comparison["rankings"]["differential expression (Wilcoxon)"]
+    if ours["auroc"] > de["auroc"] and ours["precision_at_k"] > de["precision_at_k"]:
+        verdict = "In silico deletion ranks the planted genes better than the DE baseline."
+    else:
+        verdict = (
+            "**In silico deletion does not beat the differential-expression baseline here.** "
+            "In this simulation every planted gene is differentially expressed by "
+            "construction, which is exactly what a Wilcoxon test detects; deletion asks "
+            "another question (which genes the model needs to call the state) and, with a "
+            "small model trained for minutes, answers it less sharply."
+        )
+    return [*lines, "", verdict, ""]
