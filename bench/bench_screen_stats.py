@@ -62,7 +62,7 @@ def fine_tune(adata: ad.AnnData, label_key: str, epochs: int):
         label_key=label_key,
         epochs=epochs,
         lr=1e-3,
-        batch_tokens=8192,
+        token_budget=8192,
         baseline=False,
         early_stopping_patience=None,
         random_state=0,

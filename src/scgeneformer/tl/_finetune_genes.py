@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Mapping
@@ -46,13 +47,71 @@ def finetune_genes(
     table, classes = gene_label_table(adata, model, label_key, gene_labels)
     # Padding (<pad> = 0) lands on id 0, never a gene's, so no mask is needed.
     occurrences = np.bincount(tokens.ravel(), minlength=len(model.vocab))
+    table = _genes_in_cells(table, occurrences, classes, n_folds)
+    seed_everything(options.random_state)
+    task = _GeneTask(
+        model,
+        tokens,
+        n_tokens,
+        occurrences,
+        table["token"].to_numpy(),
+        table["code"].to_numpy(),
+        classes,
+        label_key,
+        options,
+        np.random.default_rng(options.random_state),
+    )
+    folds = gene_folds(task.gene_code, n_folds, options.random_state)
+    oof = np.full((len(table), len(classes)), np.nan)
+    fold_scores: dict[str, list[float]] = {"auroc": [], "accuracy": [], "n_genes": []}
+    histories = []
+    for fold in range(n_folds):
+        held = np.flatnonzero(folds == fold)
+        clf, history = task.train(
+            np.flatnonzero(folds != fold), options.random_state + fold, f"fold {fold + 1}"
+        )
+        histories.append(tag_records(history, fold=fold))
+        oof[held] = task.predict(clf, held)
+        held_code = task.gene_code[held]
+        fold_scores["auroc"].append(auroc(held_code, oof[held]))
+        fold_scores["accuracy"].append(float((oof[held].argmax(axis=1) == held_code).mean()))
+        fold_scores["n_genes"].append(len(held))
+        logger.info(
+            f"gene fold {fold + 1}/{n_folds}: AUROC {fold_scores['auroc'][-1]:.3f}, accuracy "
+            f"{fold_scores['accuracy'][-1]:.3f} over {len(held)} genes."
+        )
+    final, final_history = task.train(
+        np.arange(len(table)), options.random_state + n_folds, "final fit"
+    )
+    histories.append(tag_records(final_history, fold=-1))
+
+    result = _write_gene_results(adata, key, task, table["gene"].tolist(), folds, oof)
+    result.update(folds=fold_scores, history=history_frames(merge_histories(histories)))
+    result["params"] = params = options.params(n_folds=n_folds)
+    if baseline:
+        _gene_baseline(adata, result, task.gene_token, task.gene_code, folds, options)
+    final.history = final_history
+    final.training_args = {
+        **params,
+        "task": "gene",
+        "label_key": label_key,
+        "cv_auroc": result["auroc"],
+        "cv_accuracy": result["accuracy"],
+    }
+    return final
+
+
+def _genes_in_cells(
+    table: pd.DataFrame, occurrences: np.ndarray, classes: list, n_folds: int
+) -> pd.DataFrame:
+    """Drop (with a warning) labelled genes in no cell; check the rest fill every fold."""
     absent = occurrences[table["token"]] == 0
     if absent.any():
         warnings.warn(
             f"{int(absent.sum()):,} labelled genes occur in no cell's tokens and are left out, "
             f"e.g. {table.loc[absent, 'gene'].tolist()[:3]}.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         table = table[~absent].reset_index(drop=True)
     check_class_sizes(
@@ -63,20 +122,33 @@ def finetune_genes(
         f"genes to have one in each of the n_folds={n_folds} folds (lower n_folds, or label "
         "more genes)",
     )
-    gene_token = table["token"].to_numpy()
-    gene_code = table["code"].to_numpy()
-    folds = gene_folds(gene_code, n_folds, options.random_state)
-    device, dtype = options.device, options.dtype
-    seed_everything(options.random_state)
-    rng = np.random.default_rng(options.random_state)
+    return table
 
-    def train_on(genes: np.ndarray, seed: int, desc: str) -> tuple[GeneformerClassifier, dict]:
-        token_class = np.full(len(model.vocab), -100, dtype=np.int64)
-        token_class[gene_token[genes]] = gene_code[genes]
-        cells = np.flatnonzero((token_class >= 0)[tokens].any(axis=1))
+
+@dataclasses.dataclass
+class _GeneTask:
+    """The cells' tokens and the labelled genes, shared by every fold's fit and prediction."""
+
+    model: Geneformer
+    tokens: np.ndarray
+    n_tokens: np.ndarray
+    occurrences: np.ndarray  # per token id: how often it occurs in the cells
+    gene_token: np.ndarray  # per labelled gene
+    gene_code: np.ndarray
+    classes: list
+    label_key: str
+    options: FitOptions
+    rng: np.random.Generator  # one stream across folds, so a fit depends on its fold only
+
+    def train(self, genes: np.ndarray, seed: int, desc: str) -> tuple[GeneformerClassifier, dict]:
+        """Fit a token head on the labelled ``genes`` (rows of the label table)."""
+        options, device = self.options, self.options.device
+        token_class = np.full(len(self.model.vocab), -100, dtype=np.int64)
+        token_class[self.gene_token[genes]] = self.gene_code[genes]
+        cells = np.flatnonzero((token_class >= 0)[self.tokens].any(axis=1))
         weights = class_weights(
-            np.repeat(gene_code[genes], occurrences[gene_token[genes]]),
-            len(classes),
+            np.repeat(self.gene_code[genes], self.occurrences[self.gene_token[genes]]),
+            len(self.classes),
             options.class_weight,
         )
         targets = torch.as_tensor(token_class, device=device)
@@ -86,98 +158,77 @@ def finetune_genes(
             return F.cross_entropy(logits, targets[ids], weight_t, ignore_index=-100)
 
         clf = new_classifier(
-            model,
-            classes,
+            self.model,
+            self.classes,
             task="gene",
-            label_key=label_key,
+            label_key=self.label_key,
             freeze_layers=options.freeze_layers,
             random_state=seed,
         )
         history = fit_classifier(
             clf,
-            tokens,
-            n_tokens,
+            self.tokens,
+            self.n_tokens,
             cells,
             loss_fn,
             options,
-            rng=rng,
+            rng=self.rng,
             evaluate=None,
             patience=None,
             desc=desc,
         )
         return clf, history
 
-    oof = np.full((len(table), len(classes)), np.nan)
-    fold_scores: dict[str, list[float]] = {"auroc": [], "accuracy": [], "n_genes": []}
-    histories = []
-    for fold in range(n_folds):
-        held = np.flatnonzero(folds == fold)
-        clf, history = train_on(
-            np.flatnonzero(folds != fold), options.random_state + fold, f"fold {fold + 1}"
-        )
-        histories.append(tag_records(history, fold=fold))
-        is_held = np.zeros(len(model.vocab), dtype=bool)
-        is_held[gene_token[held]] = True
-        cells = np.flatnonzero(is_held[tokens].any(axis=1))
+    def predict(self, clf: GeneformerClassifier, held: np.ndarray) -> np.ndarray:
+        """Class probabilities of the ``held`` genes, averaged over the cells holding them."""
+        is_held = np.zeros(len(self.model.vocab), dtype=bool)
+        is_held[self.gene_token[held]] = True
+        cells = np.flatnonzero(is_held[self.tokens].any(axis=1))
         means, _ = gene_proba(
             clf,
-            tokens[cells],
-            n_tokens[cells],
-            budget=options.eval_budget,
-            device=device,
-            dtype=dtype,
+            self.tokens[cells],
+            self.n_tokens[cells],
+            budget=self.options.eval_budget,
+            device=self.options.device,
+            dtype=self.options.dtype,
             progress=False,
         )
-        oof[held] = means[gene_token[held]]
-        fold_scores["auroc"].append(auroc(gene_code[held], oof[held]))
-        fold_scores["accuracy"].append(float((oof[held].argmax(axis=1) == gene_code[held]).mean()))
-        fold_scores["n_genes"].append(len(held))
-        logger.info(
-            f"gene fold {fold + 1}/{n_folds}: AUROC {fold_scores['auroc'][-1]:.3f}, accuracy "
-            f"{fold_scores['accuracy'][-1]:.3f} over {len(held)} genes."
-        )
-    final, final_history = train_on(
-        np.arange(len(table)), options.random_state + n_folds, "final fit"
-    )
-    histories.append(tag_records(final_history, fold=-1))
+        return means[self.gene_token[held]]
 
+
+def _write_gene_results(
+    adata: AnnData,
+    key: str,
+    task: _GeneTask,
+    genes: list[str],
+    folds: np.ndarray,
+    oof: np.ndarray,
+) -> dict[str, Any]:
+    """Write the out-of-fold predictions to ``var`` and return the ``uns`` summary."""
+    classes, gene_code = task.classes, task.gene_code
     pred = oof.argmax(axis=1)
     score = oof[:, 1] if len(classes) == 2 else oof.max(axis=1)
     scores = classification_scores(gene_code, oof)
-    genes_table = {
-        "gene": table["gene"].tolist(),
-        "token": gene_token,
-        "label": [classes[c] for c in gene_code],
-        "fold": folds,
-        "pred": [classes[c] for c in pred],
-        "score": score,
-    }
-    write_gene_predictions(adata, key, classes, gene_token, pred, score, folds)
-    params = options.params(n_folds=n_folds)
-    adata.uns[f"{key}_finetune"] = {
+    write_gene_predictions(adata, key, classes, task.gene_token, pred, score, folds)
+    result = {
         "task": "gene",
-        "label_key": label_key,
+        "label_key": task.label_key,
         "classes": classes,
-        "folds": fold_scores,
         "auroc": auroc(gene_code, oof),
         "accuracy": scores["accuracy"],
         "macro_f1": scores["macro_f1"],
         "confusion_matrix": {"labels": classes, "counts": scores["confusion"]},
-        "genes": genes_table,
-        "history": history_frames(merge_histories(histories)),
-        "params": params,
+        "genes": {
+            "gene": genes,
+            "token": task.gene_token,
+            "label": [classes[c] for c in gene_code],
+            "fold": folds,
+            "pred": [classes[c] for c in pred],
+            "score": score,
+        },
     }
-    if baseline:
-        _gene_baseline(adata, adata.uns[f"{key}_finetune"], gene_token, gene_code, folds, options)
-    final.history = final_history
-    final.training_args = {
-        **params,
-        "task": "gene",
-        "label_key": label_key,
-        "cv_auroc": adata.uns[f"{key}_finetune"]["auroc"],
-        "cv_accuracy": scores["accuracy"],
-    }
-    return final
+    adata.uns[f"{key}_finetune"] = result
+    return result
 
 
 def _gene_baseline(
