@@ -179,23 +179,9 @@ def tune_finetune(
     >>> sgf.pl.tune_trials(adata, "state")  # doctest: +SKIP
     """
     optuna = _require_optuna()
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-        raise ValueError(f"n_trials must be a whole number of at least 1, got {n_trials!r}.")
-    forbidden = sorted(set(finetune_kwargs) & {"task", "n_splits", "key_added", "baseline"})
-    if forbidden:
-        raise ValueError(f"tune_finetune tunes cell classifiers; do not pass {forbidden}.")
-    space = _check_search_space(
-        default_search_space(model.num_layers) if search_space is None else search_space,
-        model.num_layers,
+    space, fixed, rest = _tuning_arguments(
+        model, search_space, n_trials, test_size, val_size, finetune_kwargs
     )
-    clash = sorted(set(space) & set(finetune_kwargs))
-    if clash:
-        raise ValueError(
-            f"{clash} are both searched and fixed; leave them out of search_space or of the "
-            "keyword arguments."
-        )
-    fixed = {**_FIXED_DEFAULTS, **{k: v for k, v in finetune_kwargs.items() if k in SEARCH_KEYS}}
-    rest = {k: v for k, v in finetune_kwargs.items() if k not in SEARCH_KEYS}
     patience = rest.get("early_stopping_patience", 3)
     fit_args = {
         "token_budget": rest.get("token_budget"),
@@ -204,22 +190,6 @@ def tune_finetune(
         "dtype": rest.get("dtype"),
         "random_state": random_state,
     }
-    _check_training_args(
-        model,
-        task="cell",
-        freeze_layers=fixed["freeze_layers"],
-        epochs=fixed["epochs"],
-        lr=fixed["lr"],
-        class_weight=fit_args["class_weight"],
-        early_stopping_patience=patience,
-        n_folds=5,
-        n_splits=1,
-        test_size=test_size,
-        val_size=val_size,
-        warmup_fraction=fixed["warmup_fraction"],
-    )
-    if not val_size > 0:
-        raise ValueError("tune_finetune scores trials on validation cells; val_size must be > 0.")
     codes, classes, groups, tokens, n_tokens, usable = cell_inputs(
         adata, model, label_key, group_key
     )
@@ -258,24 +228,11 @@ def tune_finetune(
         trial.set_user_attr("epochs_run", len(history["train"]))
         return float(max(record["macro_f1"] for record in history["eval"]))
 
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(
-            direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=random_state),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
-        )
-        study.optimize(objective, n_trials=n_trials, timeout=timeout)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
-        raise RuntimeError("No trial of the search completed; raise n_trials or timeout.")
+    study = _run_study(optuna, objective, n_trials, timeout, random_state)
     best = study.best_trial
     logger.info(
         f"tune_finetune: best validation macro-F1 {best.value:.3f} in trial {best.number} of "
-        f"{len(study.trials)} ({len(complete)} complete), with {best.params}."
+        f"{len(study.trials)} ({_n_complete(study)} complete), with {best.params}."
     )
     key = key_added or label_key
     clf = finetune(
@@ -290,6 +247,94 @@ def tune_finetune(
         **{**fixed, **best.params},
         **rest,
     )
+    adata.uns[f"{key}_tune"] = {
+        "metric": "validation macro-F1",
+        "trials": _trials_table(study, space),
+        "best_trial": int(best.number),
+        "best_value": float(best.value),
+        "best_params": dict(best.params),
+        "search_space": {name: repr(spec) for name, spec in space.items()},
+        "n_trials": len(study.trials),
+    }
+    clf.training_args["tuned"] = {"best_trial": int(best.number), **best.params}
+    return clf
+
+
+def _tuning_arguments(
+    model: Geneformer,
+    search_space: SearchSpace | None,
+    n_trials: int,
+    test_size: float,
+    val_size: float,
+    finetune_kwargs: dict[str, Any],
+) -> tuple[dict[str, tuple | list], dict[str, Any], dict[str, Any]]:
+    """Check the search's arguments before any work.
+
+    Returns the checked search space, the fixed settings of every trial (defaults and those
+    given) and the other keyword arguments for :func:`finetune`.
+    """
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"n_trials must be a whole number of at least 1, got {n_trials!r}.")
+    forbidden = sorted(set(finetune_kwargs) & {"task", "n_splits", "key_added", "baseline"})
+    if forbidden:
+        raise ValueError(f"tune_finetune tunes cell classifiers; do not pass {forbidden}.")
+    space = _check_search_space(
+        default_search_space(model.num_layers) if search_space is None else search_space,
+        model.num_layers,
+    )
+    clash = sorted(set(space) & set(finetune_kwargs))
+    if clash:
+        raise ValueError(
+            f"{clash} are both searched and fixed; leave them out of search_space or of the "
+            "keyword arguments."
+        )
+    fixed = {**_FIXED_DEFAULTS, **{k: v for k, v in finetune_kwargs.items() if k in SEARCH_KEYS}}
+    rest = {k: v for k, v in finetune_kwargs.items() if k not in SEARCH_KEYS}
+    _check_training_args(
+        model,
+        task="cell",
+        freeze_layers=fixed["freeze_layers"],
+        epochs=fixed["epochs"],
+        lr=fixed["lr"],
+        class_weight=rest.get("class_weight", "balanced"),
+        early_stopping_patience=rest.get("early_stopping_patience", 3),
+        n_folds=5,
+        n_splits=1,
+        test_size=test_size,
+        val_size=val_size,
+        warmup_fraction=fixed["warmup_fraction"],
+    )
+    if not val_size > 0:
+        raise ValueError("tune_finetune scores trials on validation cells; val_size must be > 0.")
+    return space, fixed, rest
+
+
+def _run_study(
+    optuna: Any, objective: Any, n_trials: int, timeout: float | None, random_state: int
+) -> Any:
+    """Run a seeded TPE study with median pruning, with Optuna's per-trial log lines off."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=random_state),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+        )
+        study.optimize(objective, n_trials=n_trials, timeout=timeout)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    if not _n_complete(study):
+        raise RuntimeError("No trial of the search completed; raise n_trials or timeout.")
+    return study
+
+
+def _n_complete(study: Any) -> int:
+    return sum(t.state.name == "COMPLETE" for t in study.trials)
+
+
+def _trials_table(study: Any, space: dict[str, tuple | list]) -> dict[str, list[Any]]:
+    """Every trial of ``study`` as a dict of columns, one per searched setting among them."""
     trials: dict[str, list[Any]] = {
         "number": [t.number for t in study.trials],
         "state": [t.state.name.lower() for t in study.trials],
@@ -300,14 +345,4 @@ def tune_finetune(
     }
     for name in space:
         trials[name] = [t.params[name] for t in study.trials]
-    adata.uns[f"{key}_tune"] = {
-        "metric": "validation macro-F1",
-        "trials": trials,
-        "best_trial": int(best.number),
-        "best_value": float(best.value),
-        "best_params": dict(best.params),
-        "search_space": {name: repr(spec) for name, spec in space.items()},
-        "n_trials": len(study.trials),
-    }
-    clf.training_args["tuned"] = {"best_trial": int(best.number), **best.params}
-    return clf
+    return trials
