@@ -234,16 +234,41 @@ def finetune_cells(
 
     proba = np.full((adata.n_obs, len(classes)), np.nan, dtype=np.float32)
     proba[test] = test_proba
-    write_cell_predictions(adata, key, classes, proba)
+    attach_cell_results(
+        adata,
+        key,
+        clf,
+        history,
+        proba,
+        result,
+        test_accuracy=scores["accuracy"],
+        test_macro_f1=scores["macro_f1"],
+    )
     adata.obs[f"{key}_split"] = pd.Categorical(split, categories=list(SPLITS))
+    return clf
+
+
+def attach_cell_results(
+    adata: AnnData,
+    key: str,
+    clf: GeneformerClassifier,
+    history: Records,
+    proba: np.ndarray,
+    result: dict[str, Any],
+    **scores: float,
+) -> None:
+    """Write a cell task's predictions and ``uns`` summary; give ``clf`` its history and args.
+
+    ``result`` is the ``uns[f"{key}_finetune"]`` summary (with ``params``, ``label_key``,
+    ``group_key`` and ``classes``); ``scores`` are added to the classifier's training args.
+    """
+    write_cell_predictions(adata, key, result["classes"], proba)
     adata.uns[f"{key}_finetune"] = result
     clf.history = history
     clf.training_args = {
         **result["params"],
         "task": "cell",
-        "label_key": label_key,
-        "group_key": group_key,
-        "test_accuracy": scores["accuracy"],
-        "test_macro_f1": scores["macro_f1"],
+        "label_key": result["label_key"],
+        "group_key": result["group_key"],
+        **scores,
     }
-    return clf
