@@ -1,6 +1,8 @@
 """The package's layers: lower packages never import the tools, plots or command line."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,13 @@ def test_no_import_cycle_at_module_level():
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
+
+
+def test_every_public_namespace_loads_from_the_top_level_package():
+    # In a fresh interpreter, so that no earlier import has set the attribute already.
+    code = (
+        "import scgeneformer as sgf; "
+        "print(sgf.data.TokenStore.__name__, sgf.datasets.synthetic_states.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["TokenStore", "synthetic_states"]

@@ -2,7 +2,8 @@
 
 Rank-value tokenization (:mod:`scgeneformer.pp`), the Geneformer encoder
 (:class:`~scgeneformer.Geneformer`), tools (:mod:`scgeneformer.tl`), plots
-(:mod:`scgeneformer.pl`) and example data (:mod:`scgeneformer.datasets`).
+(:mod:`scgeneformer.pl`), corpora on disk (:mod:`scgeneformer.data`) and example data
+(:mod:`scgeneformer.datasets`).
 
 The names below load on first use, so ``scgeneformer --help`` and ``import scgeneformer``
 start in a fraction of a second; torch and scanpy come in with the first tool.
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from . import datasets, pl, pp, tl
+    from . import data, datasets, pl, pp, tl
     from ._env import show_versions
     from ._settings import settings
     from .model import Geneformer, GeneformerClassifier, GeneformerConfig
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 # public name -> (module, attribute; None for the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
+    "data": (".data", None),
     "datasets": (".datasets", None),
     "pl": (".pl", None),
     "pp": (".pp", None),
@@ -42,6 +44,7 @@ __all__ = [
     "GeneformerConfig",
     "Vocabulary",
     "__version__",
+    "data",
     "datasets",
     "pl",
     "pp",
