@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -76,3 +77,102 @@ def test_embed_warns_when_cells_with_tokens_pool_to_nan(small):
     adata = adata.copy()
     with pytest.warns(UserWarning, match=r"60 of 60 cells with tokens pooled to a non-finite"):
         sgf.tl.embed(adata, broken)
+
+
+# ---------------------------------------------------------------- item 7: key_added collisions
+@pytest.mark.parametrize(
+    ("tool", "key"),
+    [
+        ("embed", "geneformer_tokens"),
+        ("embed", "geneformer"),
+        ("in_silico_delete", "geneformer"),
+    ],
+)
+def test_key_added_on_a_token_slot_is_refused_before_any_work(small, tool, key):
+    adata, model = small
+    adata = adata.copy()
+    tokens = adata.obsm["geneformer_tokens"].copy()
+    with pytest.raises(ValueError, match=rf"key_added='{key}'.*holds the tokenization"):
+        getattr(sgf.tl, tool)(adata, model, key_added=key)
+    np.testing.assert_array_equal(adata.obsm["geneformer_tokens"], tokens)
+    assert "vocabulary_sha256" in adata.uns["geneformer"]
+
+
+def test_key_added_must_be_a_name(small):
+    adata, model = small
+    with pytest.raises(TypeError, match="key_added must be a non-empty string, got None"):
+        sgf.tl.embed(adata.copy(), model, key_added=None)
+
+
+# ---------------------------------------------------------------- items 8, 9: state columns
+def _int_states(adata, kind: str):
+    adata = adata.copy()
+    is_disease = (adata.obs["state"] == "disease").to_numpy()
+    if kind == "int":
+        adata.obs["code"] = is_disease.astype(np.int64)
+    elif kind == "categorical":
+        adata.obs["code"] = pd.Categorical(is_disease.astype(np.int64))
+    else:
+        adata.obs["code"] = is_disease
+    return adata
+
+
+@pytest.mark.parametrize(
+    ("kind", "start", "goal"),
+    [
+        ("int", 1, 0),
+        ("int", "1", "0"),
+        ("categorical", 1, "0"),
+        ("bool", True, False),
+        ("bool", "True", "False"),
+    ],
+)
+def test_non_string_state_columns_screen_like_strings(small, kind, start, goal):
+    adata, model = small
+    reference = adata.copy()
+    kwargs = dict(max_cells=3, min_cells=1, genes=list(model.vocab.genes[:6]), n_null_genes=0)
+    with pytest.warns(UserWarning, match="pretrained encoder"):
+        sgf.tl.in_silico_delete(
+            reference,
+            model,
+            state_key="state",
+            start_state="disease",
+            goal_state="healthy",
+            **kwargs,
+        )
+    coded = _int_states(adata, kind)
+    with pytest.warns(UserWarning, match="pretrained encoder"):
+        sgf.tl.in_silico_delete(
+            coded, model, state_key="code", start_state=start, goal_state=goal, **kwargs
+        )
+    np.testing.assert_allclose(
+        coded.var["in_silico_delete_shift"], reference.var["in_silico_delete_shift"], rtol=1e-6
+    )
+
+
+def test_unknown_state_on_an_int_column_lists_the_states_present_consistently(small):
+    adata, model = small
+    coded = _int_states(adata, "int")
+    with pytest.raises(ValueError, match=r"\['2'\] not found .*present are \['0', '1'\]"):
+        sgf.tl.in_silico_delete(coded, model, state_key="code", start_state=2, goal_state=0)
+
+
+@pytest.mark.parametrize(
+    ("start", "goal", "alts"),
+    [
+        ("disease", "disease", ()),
+        ("disease", "healthy", ("healthy",)),
+        ("disease", "healthy", ("disease",)),
+    ],
+)
+def test_a_state_named_twice_is_refused(small, start, goal, alts):
+    adata, model = small
+    with pytest.raises(ValueError, match="must all be different states"):
+        sgf.tl.in_silico_delete(
+            adata.copy(),
+            model,
+            state_key="state",
+            start_state=start,
+            goal_state=goal,
+            alt_states=alts,
+        )

@@ -51,7 +51,7 @@ def dropout_disabled() -> Iterator[None]:
 
 
 def dropout_active(module: nn.Module) -> bool:
-    """Whether ``module`` drops out here: in training mode, and not inside :func:`dropout_disabled`."""
+    """Whether ``module`` drops out here: in training mode and outside :func:`dropout_disabled`."""
     return module.training and not getattr(_thread_state, "disabled", False)
 
 

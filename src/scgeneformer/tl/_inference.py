@@ -97,7 +97,7 @@ def _gene_mask(ids: torch.Tensor, model: Geneformer) -> torch.Tensor:
 
 
 def _warn_if_not_finite(pooled: np.ndarray, desc: str) -> None:
-    """Warn when cells that have tokens pooled to NaN or inf (cells without tokens are NaN by design)."""
+    """Warn when cells with tokens pooled to NaN or inf (cells without tokens are NaN by design)."""
     bad = int((~np.isfinite(pooled).all(axis=1)).sum())
     if bad:
         warnings.warn(
