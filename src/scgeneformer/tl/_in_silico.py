@@ -14,14 +14,15 @@ and a rank-matched background of its other genes.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from anndata import AnnData
 
@@ -31,7 +32,7 @@ from .._progress import progress_bar
 from .._settings import settings
 from .._slots import check_key_added, positions_of, token_values_to_var, var_tokens
 from ..model import Geneformer, GeneformerClassifier
-from ..train._distributed import setup_distributed
+from ..train._distributed import Distributed, setup_distributed
 from ._anchor import anchor_token, anchor_variants, check_anchor_present
 from ._background import rank_matched_background
 from ._compiled import EncoderRunner
@@ -386,6 +387,29 @@ def _remove_tokens(tokens: np.ndarray, n_tokens: np.ndarray, drop: np.ndarray):
     return out.astype(tokens.dtype), keep.sum(1)
 
 
+def _closes_its_process_group(
+    screen: Callable[..., AnnData | None],
+) -> Callable[..., AnnData | None]:
+    """Destroy a process group the screen started, on every way out (return or error).
+
+    Under torchrun the screen starts its own group (:func:`setup_distributed`); one left
+    behind would be joined by the next tool in the process. A group the caller had already
+    started is theirs and stays.
+    """
+
+    @wraps(screen)
+    def run(*args, **kwargs) -> AnnData | None:
+        had_group = dist.is_available() and dist.is_initialized()
+        try:
+            return screen(*args, **kwargs)
+        finally:
+            if not had_group and dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+    return run
+
+
+@_closes_its_process_group
 def _screen(
     adata: AnnData,
     model: Geneformer | GeneformerClassifier,
@@ -554,6 +578,7 @@ def _screen(
             targets,
             key_added,
             params,
+            ctx=ctx,
             emb_layer=emb_layer,
             pooling=pooling,
             plan=plan,
@@ -785,15 +810,21 @@ def _combined(
     key_added,
     params,
     *,
+    ctx: Distributed,
     emb_layer,
     pooling,
     plan,
     budget,
 ) -> None:
-    """Delete all listed genes together from each start cell; per-cell shifts into obs."""
-    variant, n_variant = _remove_tokens(tokens[start], n_tokens[start], listed)
+    """Delete all listed genes together from each start cell; per-cell shifts into obs.
+
+    Under torchrun each process takes its share of the start cells (every ``world_size``-th)
+    and all processes get every shift.
+    """
+    mine = start[ctx.rank :: ctx.world_size]
+    variant, n_variant = _remove_tokens(tokens[mine], n_tokens[mine], listed)
     args = dict(emb_layer=emb_layer, pooling=pooling, plan=plan, token_budget=budget)
-    original = torch.as_tensor(encode_cells(model, tokens[start], n_tokens[start], **args).cells)
+    original = torch.as_tensor(encode_cells(model, tokens[mine], n_tokens[mine], **args).cells)
     changed = torch.as_tensor(encode_cells(model, variant, n_variant, **args).cells)
     if targets:
         goal = targets["goal"][None, :]
@@ -801,9 +832,11 @@ def _combined(
     else:
         shift = 1 - F.cosine_similarity(changed, original)
     column = np.full(adata.n_obs, np.nan)
-    column[start] = shift.numpy()
+    for cells, shifts in ctx.gather((mine, shift.numpy())):
+        column[cells] = shifts
     adata.obs[f"{key_added}_combined_shift"] = column
     params["combined"] = True
+    params["n_processes"] = ctx.world_size
     params["combined_mean_shift"] = float(np.nanmean(column))
     adata.uns[key_added] = params
 
