@@ -9,7 +9,7 @@ per-token results onto ``var`` rows with :func:`token_values_to_var` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,55 @@ def n_tokens_slot(key: str = TOKENS_KEY) -> str:
 def var_token_slot(key: str = TOKENS_KEY) -> str:
     """``var`` key of each gene's token id (-1 where the gene is not in the vocabulary)."""
     return f"{key}_token"
+
+
+def tokenization_slots(key: str = TOKENS_KEY) -> dict[str, str]:
+    """Return, per AnnData attribute, the slot :func:`~scgeneformer.pp.rank_tokenize` writes."""
+    return {
+        "obsm": tokens_slot(key),
+        "obs": n_tokens_slot(key),
+        "var": var_token_slot(key),
+        "uns": key,
+    }
+
+
+def check_key_added(key_added: object, writes: Mapping[str, Iterable[str]], *, tool: str) -> None:
+    """Refuse a ``key_added`` that is no name, or whose slots would overwrite the tokens.
+
+    Every tool with a ``key_added`` calls this before any work. The tokenization slots are
+    what every other tool reads; a result written over them destroys the tokens (or their
+    provenance in ``uns``) without a word.
+
+    Parameters
+    ----------
+    key_added
+        The user's value.
+    writes
+        The slots the tool would write with it: attribute name (``"obsm"``, ``"var"``,
+        ...) to the keys.
+    tool
+        The tool's name, for the message.
+
+    Examples
+    --------
+    >>> check_key_added("X_geneformer", {"obsm": ["X_geneformer"]}, tool="tl.embed")
+    >>> check_key_added(
+    ...     "geneformer_tokens", {"obsm": ["geneformer_tokens"]}, tool="tl.embed"
+    ... )  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: tl.embed(key_added='geneformer_tokens') would write ...
+    """
+    if not isinstance(key_added, str) or not key_added:
+        raise TypeError(f"{tool}: key_added must be a non-empty string, got {key_added!r}.")
+    owned = tokenization_slots()
+    for attribute, keys in writes.items():
+        if owned.get(attribute) in set(keys):
+            raise ValueError(
+                f"{tool}(key_added={key_added!r}) would write adata.{attribute}"
+                f"[{owned[attribute]!r}], which holds the tokenization that "
+                "sgf.pp.rank_tokenize wrote and the tools read. Choose another key_added."
+            )
 
 
 def var_tokens(adata: AnnData, key: str = TOKENS_KEY) -> np.ndarray:

@@ -23,7 +23,7 @@ from torch import nn
 from ..train._history import as_history, empty_history
 from ..vocab import Vocabulary
 from . import _hf_folder as ckpt
-from ._encoder import init_weights
+from ._encoder import Dropout, init_weights
 from ._geneformer import Geneformer, TensorLike
 
 Task = Literal["cell", "gene"]
@@ -126,7 +126,7 @@ class GeneformerClassifier(nn.Module):
         self.label_key = label_key
         self.classifier_dropout = classifier_dropout
         self.pooler = Pooler(hidden) if task == "cell" else None
-        self.dropout = nn.Dropout(
+        self.dropout = Dropout(
             encoder.config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
         )
         self.classifier = nn.Linear(hidden, len(classes))

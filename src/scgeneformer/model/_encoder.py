@@ -8,7 +8,9 @@ embedding matrix itself (tied, as in Geneformer), applied with ``cls.predictions
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,48 @@ from torch import nn
 from ._config import GeneformerConfig
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+# Inference turns dropout off per thread, not by flipping ``module.training``: a model shared
+# by threads (one embedding while another trains, or two embedding) must not see another
+# thread's mode, and ``.eval()``/``.train()`` change one flag that every thread reads.
+_thread_state = threading.local()
+
+
+@contextlib.contextmanager
+def dropout_disabled() -> Iterator[None]:
+    """Run forwards in this thread without any dropout, whatever ``module.training`` says.
+
+    Nothing is changed on the modules, so other threads keep their own behaviour.
+
+    Examples
+    --------
+    >>> layer = Dropout(0.5).train()
+    >>> with dropout_disabled():
+    ...     bool((layer(torch.ones(4)) == 1).all())
+    True
+    >>> layer.training
+    True
+    """
+    before = getattr(_thread_state, "disabled", False)
+    _thread_state.disabled = True
+    try:
+        yield
+    finally:
+        _thread_state.disabled = before
+
+
+def dropout_active(module: nn.Module) -> bool:
+    """Whether ``module`` drops out here: in training mode and outside :func:`dropout_disabled`."""
+    return module.training and not getattr(_thread_state, "disabled", False)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that :func:`dropout_disabled` switches off for the calling thread only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop out ``x`` where :func:`dropout_active`; the identity otherwise."""
+        return F.dropout(x, self.p, dropout_active(self), self.inplace)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +88,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Embed token ids at the given positions (any leading shape)."""
@@ -74,7 +118,7 @@ class SelfAttention(nn.Module):
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         qkv = F.linear(x, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
         q, k, v = qkv.unbind(-3)
-        out = attend(q, k, v, self.dropout_p if self.training else 0.0)
+        out = attend(q, k, v, self.dropout_p if dropout_active(self) else 0.0)
         return out.flatten(-2)
 
 
@@ -85,7 +129,7 @@ class SelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Project ``x``, add ``residual`` and normalise."""

@@ -16,7 +16,7 @@ from ..vocab import Vocabulary
 from . import _hf_folder as ckpt
 from ._attention import PackedAttention, PaddedAttention, key_padding_bias, packed_positions
 from ._config import PRESETS, GeneformerConfig, preset
-from ._encoder import Bert, MLMHead, init_weights
+from ._encoder import Bert, MLMHead, dropout_active, init_weights
 
 TensorLike = torch.Tensor | np.ndarray
 
@@ -530,7 +530,7 @@ class Geneformer(nn.Module):
             attention = packed_attention_for(
                 ids.device,
                 _compute_dtype(ids.device, self.dtype),
-                training=self.training,
+                training=dropout_active(self),
                 attention_dropout=self.config.attention_probs_dropout_prob,
             )
         cell, positions = packed_positions(cu, ids.numel())

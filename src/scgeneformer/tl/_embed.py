@@ -19,7 +19,7 @@ from .._docs import (
     doc_token_budget,
 )
 from .._plan import execution_plan
-from .._slots import n_tokens_slot, table_to_var, var_tokens
+from .._slots import check_key_added, n_tokens_slot, table_to_var, var_tokens
 from ..model import Geneformer, GeneformerClassifier
 from ._inference import check_pooling, encode_cells, hidden_layer_index
 from ._model_arg import encoder_of
@@ -90,7 +90,18 @@ def embed(
     >>> sc.pp.neighbors(adata, use_rep="X_geneformer")
     """
     model = encoder_of(model)
-    hidden_layer_index(model, emb_layer)  # refuse bad arguments before touching adata
+    # refuse bad arguments before touching adata
+    check_key_added(
+        key_added,
+        {
+            "obsm": [key_added],
+            "varm": [key_added],
+            "var": [f"{key_added}_n_cells"],
+            "uns": [key_added],
+        },
+        tool="tl.embed",
+    )
+    hidden_layer_index(model, emb_layer)
     check_pooling(model, pooling)
     target = adata.copy() if copy else adata
     plan = execution_plan(device, dtype)

@@ -17,6 +17,7 @@ from anndata import AnnData
 
 from .._deprecation import renamed_keywords
 from .._settings import settings
+from .._slots import check_key_added
 from ..model import Geneformer
 from ..model._classifier import GeneformerClassifier, check_freeze_layers
 from ..train._finetune_loop import TRAIN_BUDGET_SHARE, FitOptions
@@ -24,6 +25,7 @@ from ..train._optim import resolve_device_dtype
 from ._finetune_cells import finetune_cells
 from ._finetune_genes import finetune_genes
 from ._model_arg import encoder_of
+from ._predict import prediction_slots
 from ._splits import check_fraction
 
 
@@ -308,6 +310,8 @@ def finetune(
         warmup_fraction=warmup_fraction,
     )
     key = key_added or label_key
+    if key_added is not None or isinstance(key, str):  # a bad label_key gets its own error
+        check_key_added(key, prediction_slots(key, f"{key}_finetune"), tool="tl.finetune")
     options = fitting_options(
         freeze_layers=freeze_layers,
         epochs=epochs,

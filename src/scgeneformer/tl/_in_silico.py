@@ -14,14 +14,15 @@ and a rank-matched background of its other genes.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from anndata import AnnData
 
@@ -29,9 +30,9 @@ from .._deprecation import renamed_keywords
 from .._plan import ExecutionPlan, execution_plan
 from .._progress import progress_bar
 from .._settings import settings
-from .._slots import positions_of, token_values_to_var, var_tokens
+from .._slots import check_key_added, positions_of, token_values_to_var, var_tokens
 from ..model import Geneformer, GeneformerClassifier
-from ..train._distributed import setup_distributed
+from ..train._distributed import Distributed, setup_distributed
 from ._anchor import anchor_token, anchor_variants, check_anchor_present
 from ._background import rank_matched_background
 from ._compiled import EncoderRunner
@@ -89,8 +90,35 @@ class _Screen:
         return exact | background, background
 
 
+def state_label(value: object) -> str:
+    """Return the text form states are compared in (``1``, ``1.0``, ``"1"`` all read ``"1"``).
+
+    A state column may hold strings, integers, booleans or a categorical of any of them, and a
+    user names a state as they like; both sides pass through this function.
+
+    Examples
+    --------
+    >>> [state_label(v) for v in (1, "1", 1.0, np.int64(1), True, "disease")]
+    ['1', '1', '1', '1', 'True', 'disease']
+    """
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _state_labels(adata: AnnData, state_key: str) -> np.ndarray:
+    """Each cell's state in :func:`state_label` form (labelled once per distinct value)."""
+    codes, uniques = pd.factorize(adata.obs[state_key], use_na_sentinel=True)
+    names = np.array([state_label(u) for u in uniques] + ["nan"], dtype=object)
+    return names[codes]  # the sentinel -1 picks "nan"
+
+
 def _state_cells(adata: AnnData, state_key: str, state: str, n_tokens: np.ndarray) -> np.ndarray:
-    rows = np.flatnonzero((adata.obs[state_key] == state).to_numpy() & (n_tokens > 0))
+    rows = np.flatnonzero((_state_labels(adata, state_key) == state) & (n_tokens > 0))
     if len(rows) == 0:
         raise ValueError(
             f"The state {state!r} of obs[{state_key!r}] has no cells with tokens; nothing to "
@@ -100,6 +128,10 @@ def _state_cells(adata: AnnData, state_key: str, state: str, n_tokens: np.ndarra
 
 
 def _check_states(adata: AnnData, state_key: str | None, states: Sequence[str]) -> None:
+    """Refuse a missing column, states absent from it, and states named twice.
+
+    ``states`` are start, goal and alt states, already in :func:`state_label` form.
+    """
     if state_key is None:
         return
     if state_key not in adata.obs.columns:
@@ -107,12 +139,18 @@ def _check_states(adata: AnnData, state_key: str | None, states: Sequence[str]) 
             f"state_key={state_key!r} is not a column of adata.obs; the columns are "
             f"{list(adata.obs.columns)}."
         )
-    present = pd.unique(adata.obs[state_key].astype(str))
-    unknown = [s for s in states if s not in set(present)]
+    if len(set(states)) < len(states):
+        start, goal, *alts = states
+        raise ValueError(
+            f"start_state={start!r}, goal_state={goal!r} and alt_states={alts} must all be "
+            "different states: a screen toward the state the cells are already in, or the "
+            "same state twice, measures nothing."
+        )
+    present = set(_state_labels(adata, state_key))
+    unknown = [s for s in states if s not in present]
     if unknown:
         raise ValueError(
-            f"{unknown} not found in obs[{state_key!r}]; the states present are "
-            f"{sorted(present.tolist())}."
+            f"{unknown} not found in obs[{state_key!r}]; the states present are {sorted(present)}."
         )
 
 
@@ -349,6 +387,29 @@ def _remove_tokens(tokens: np.ndarray, n_tokens: np.ndarray, drop: np.ndarray):
     return out.astype(tokens.dtype), keep.sum(1)
 
 
+def _closes_its_process_group(
+    screen: Callable[..., AnnData | None],
+) -> Callable[..., AnnData | None]:
+    """Destroy a process group the screen started, on every way out (return or error).
+
+    Under torchrun the screen starts its own group (:func:`setup_distributed`); one left
+    behind would be joined by the next tool in the process. A group the caller had already
+    started is theirs and stays.
+    """
+
+    @wraps(screen)
+    def run(*args, **kwargs) -> AnnData | None:
+        had_group = dist.is_available() and dist.is_initialized()
+        try:
+            return screen(*args, **kwargs)
+        finally:
+            if not had_group and dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+    return run
+
+
+@_closes_its_process_group
 def _screen(
     adata: AnnData,
     model: Geneformer | GeneformerClassifier,
@@ -380,15 +441,20 @@ def _screen(
     copy: bool,
 ) -> AnnData | None:
     given, model = model, encoder_of(model)
+    check_key_added(key_added, _screen_slots(key_added), tool=f"tl.in_silico_{mode}")
     layer_index = hidden_layer_index(model, emb_layer)
     check_pooling(model, pooling)
-    alt_states = [str(a) for a in alt_states]
+    if isinstance(alt_states, str):  # one state, not its characters
+        alt_states = [alt_states]
+    alt_states = [state_label(a) for a in alt_states]
     if state_key is None:
         if start_state is not None or goal_state is not None or alt_states:
             raise ValueError("start_state, goal_state and alt_states need state_key.")
     elif start_state is None or goal_state is None:
         raise ValueError("With state_key, give both start_state and goal_state.")
-    _check_states(adata, state_key, [s for s in (start_state, goal_state, *alt_states) if s])
+    else:
+        start_state, goal_state = state_label(start_state), state_label(goal_state)
+        _check_states(adata, state_key, [start_state, goal_state, *alt_states])
     if state_key is not None:
         warn_if_not_finetuned_on(given, state_key, [start_state, goal_state])
     listed = _listed_tokens(model, genes)
@@ -512,6 +578,7 @@ def _screen(
             targets,
             key_added,
             params,
+            ctx=ctx,
             emb_layer=emb_layer,
             pooling=pooling,
             plan=plan,
@@ -656,6 +723,34 @@ _STATISTICS_FROM = {
 }
 
 
+_VAR_SUFFIXES = (
+    "shift",
+    "zscore",
+    "pval",
+    "fdr",
+    "n_cells",
+    "ci_low",
+    "ci_high",
+    "frac_toward",
+    "estimate",
+    "n_cells_estimate",
+    "anchor_combined",
+    "anchor_interaction",
+    "anchor_n_cells",
+)
+
+
+def _screen_slots(key: str) -> dict[str, list[str]]:
+    """Return the slots a screen writes under ``key`` (per-state columns aside)."""
+    return {
+        "var": [f"{key}_{suffix}" for suffix in _VAR_SUFFIXES],
+        "obs": [f"{key}_combined_shift"],
+        "layers": [key, f"{key}_estimate"],
+        "varp": [f"{key}_gene_shift", f"{key}_gene_shift_n_cells"],
+        "uns": [key],
+    }
+
+
 def _check_method(
     mode: str, method: str, n_exact: int | None, n_background: int | None, combine: bool
 ) -> tuple[int, int]:
@@ -690,7 +785,7 @@ def _check_method(
 def _in_state(adata: AnnData, state_key: str | None, state: str | None) -> np.ndarray:
     if state_key is None:
         return np.ones(adata.n_obs, dtype=bool)
-    return (adata.obs[state_key] == state).to_numpy()
+    return _state_labels(adata, state_key) == state
 
 
 def _per_cell_layer(
@@ -715,15 +810,21 @@ def _combined(
     key_added,
     params,
     *,
+    ctx: Distributed,
     emb_layer,
     pooling,
     plan,
     budget,
 ) -> None:
-    """Delete all listed genes together from each start cell; per-cell shifts into obs."""
-    variant, n_variant = _remove_tokens(tokens[start], n_tokens[start], listed)
+    """Delete all listed genes together from each start cell; per-cell shifts into obs.
+
+    Under torchrun each process takes its share of the start cells (every ``world_size``-th)
+    and all processes get every shift.
+    """
+    mine = start[ctx.rank :: ctx.world_size]
+    variant, n_variant = _remove_tokens(tokens[mine], n_tokens[mine], listed)
     args = dict(emb_layer=emb_layer, pooling=pooling, plan=plan, token_budget=budget)
-    original = torch.as_tensor(encode_cells(model, tokens[start], n_tokens[start], **args).cells)
+    original = torch.as_tensor(encode_cells(model, tokens[mine], n_tokens[mine], **args).cells)
     changed = torch.as_tensor(encode_cells(model, variant, n_variant, **args).cells)
     if targets:
         goal = targets["goal"][None, :]
@@ -731,9 +832,11 @@ def _combined(
     else:
         shift = 1 - F.cosine_similarity(changed, original)
     column = np.full(adata.n_obs, np.nan)
-    column[start] = shift.numpy()
+    for cells, shifts in ctx.gather((mine, shift.numpy())):
+        column[cells] = shifts
     adata.obs[f"{key_added}_combined_shift"] = column
     params["combined"] = True
+    params["n_processes"] = ctx.world_size
     params["combined_mean_shift"] = float(np.nanmean(column))
     adata.uns[key_added] = params
 

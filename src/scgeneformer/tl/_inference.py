@@ -9,6 +9,7 @@ results come back in the cells' input order.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from .._plan import ExecutionPlan, attention_backend
 from .._progress import progress_bar
 from ..data._batching import cell_batch, token_budget_batches
 from ..model import Geneformer
+from ..model._encoder import dropout_disabled
 from ..train._optim import autocast
 from ._compiled import EncoderRunner
 
@@ -69,15 +71,22 @@ class Encoded:
 
 
 @contextlib.contextmanager
-def inference_on(model: Geneformer, plan: ExecutionPlan) -> Iterator[None]:
-    """Put the model in evaluation mode on the plan's device, precision and SDPA backend."""
-    was_training = model.training
-    model.to(plan.device).eval()
-    try:
-        with torch.inference_mode(), autocast(plan.device, plan.dtype), attention_backend(plan):
-            yield
-    finally:
-        model.train(was_training)
+def inference_on(model: torch.nn.Module, plan: ExecutionPlan) -> Iterator[None]:
+    """Run the model without dropout on the plan's device, precision and SDPA backend.
+
+    Dropout is switched off for the calling thread only (:func:`dropout_disabled`), never by
+    ``model.eval()``: the train/eval flag is one attribute every thread reads, so flipping it
+    here would let another thread's embedding run with dropout, or stop a training thread's.
+    """
+    if model.device != plan.device:
+        model.to(plan.device)
+    with (
+        torch.inference_mode(),
+        dropout_disabled(),
+        autocast(plan.device, plan.dtype),
+        attention_backend(plan),
+    ):
+        yield
 
 
 def _gene_mask(ids: torch.Tensor, model: Geneformer) -> torch.Tensor:
@@ -85,6 +94,20 @@ def _gene_mask(ids: torch.Tensor, model: Geneformer) -> torch.Tensor:
         list(model.vocab.special_tokens.values()), device=ids.device, dtype=ids.dtype
     )
     return ~torch.isin(ids, special)
+
+
+def _warn_if_not_finite(pooled: np.ndarray, desc: str) -> None:
+    """Warn when cells with tokens pooled to NaN or inf (cells without tokens are NaN by design)."""
+    bad = int((~np.isfinite(pooled).all(axis=1)).sum())
+    if bad:
+        warnings.warn(
+            f"{bad:,} of {len(pooled):,} cells with tokens pooled to a non-finite embedding "
+            f"(NaN or inf) while {desc}. The model's weights or activations are not finite: "
+            "check the checkpoint (torch.isfinite over model.state_dict()), and run in float32 "
+            "(dtype='float32') if a 16-bit dtype overflowed.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def encode_cells(
@@ -173,6 +196,7 @@ def encode_cells(
                 gene_sum.index_add_(0, ids[gene], states[gene].double())
                 gene_count += torch.bincount(ids[gene], minlength=len(model.vocab))
             bar.update(len(rows))
+    _warn_if_not_finite(cells[present], desc)
     if not genes:
         return Encoded(cells, None, None)
     return Encoded(cells, gene_sum.cpu().numpy(), gene_count.cpu().numpy())

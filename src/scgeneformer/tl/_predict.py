@@ -14,7 +14,7 @@ from .._deprecation import renamed_keywords
 from .._plan import execution_plan
 from .._progress import progress_bar
 from .._settings import settings
-from .._slots import positions_of, table_to_var, var_tokens
+from .._slots import check_key_added, positions_of, table_to_var, var_tokens
 from ..data._batching import restore_order, token_budget_batches
 from ..model._classifier import GeneformerClassifier
 from ..train._finetune_loop import classifier_logits
@@ -23,6 +23,16 @@ from ._inference import inference_on
 from ._tokens import cell_tokens
 
 DEFAULT_PREDICT_KEY = "geneformer_class"
+
+
+def prediction_slots(key: str, uns_key: str) -> dict[str, list[str]]:
+    """Return the slots a classifier's predictions go to under ``key``."""
+    return {
+        "obs": [f"{key}_pred", f"{key}_split"],
+        "obsm": [f"{key}_proba"],
+        "var": [f"{key}_pred", f"{key}_score", f"{key}_n_cells"],
+        "uns": [uns_key],
+    }
 
 
 def cell_proba(
@@ -167,6 +177,7 @@ def predict(
     if not isinstance(clf, GeneformerClassifier):
         raise TypeError(f"clf must be a GeneformerClassifier, got {type(clf).__name__}.")
     key = key_added or clf.label_key or DEFAULT_PREDICT_KEY
+    check_key_added(key, prediction_slots(key, f"{key}_predict"), tool="tl.predict")
     device_, dtype_ = resolve_device_dtype(device, dtype)
     tokens, n_tokens = cell_tokens(adata, clf.encoder)
     empty = int((n_tokens == 0).sum())

@@ -1,0 +1,178 @@
+"""Hostile input and faults at the public API (issue 12): each gets a clear error or is handled.
+
+Every test here failed before its fix. None catches an exception to pass: errors are asserted
+with ``pytest.raises(..., match=...)`` on the package's own message.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scgeneformer as sgf
+
+from .test_in_silico import TINY
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A tiny model and tokenized two-state cells; tests copy ``adata`` before changing it."""
+    adata = sgf.datasets.synthetic_states(n_cells=60, n_genes=120, random_state=5)
+    vocab = sgf.Vocabulary.build(adata, max_length=128)
+    model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **TINY)
+    sgf.pp.rank_tokenize(adata, vocab)
+    return adata, model
+
+
+# ---------------------------------------------------------------- item 6: train/eval race
+def test_threads_embedding_one_training_mode_model_see_no_dropout_and_leave_its_mode(small):
+    adata, model = small
+    model = sgf.Geneformer.from_config(
+        "V1-10M",
+        model.vocab,
+        random_state=1,
+        **{**TINY, "hidden_dropout_prob": 0.5, "attention_probs_dropout_prob": 0.5},
+    )
+    reference = adata.copy()
+    sgf.tl.embed(reference, model.eval())
+    model.train()
+    results: dict[int, np.ndarray] = {}
+
+    def run(i: int) -> None:
+        copy = adata.copy()
+        for _ in range(3):
+            sgf.tl.embed(copy, model, token_budget=256)
+        results[i] = copy.obsm["X_geneformer"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert model.training  # inference never flips the shared module's mode
+    for out in results.values():
+        np.testing.assert_allclose(out, reference.obsm["X_geneformer"], rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_still_runs_in_training_outside_inference(small):
+    _, model = small
+    layer = sgf.model._encoder.Dropout(0.5).train()
+    out = layer(torch.ones(1000))
+    assert (out == 0).any()  # the subclass is still dropout when it should be
+    with sgf.model._encoder.dropout_disabled():
+        assert (layer(torch.ones(1000)) == 1).all()
+    assert model.training is model.training  # nothing global was touched
+
+
+# ---------------------------------------------------------------- item 2: non-finite pooling
+def test_embed_warns_when_cells_with_tokens_pool_to_nan(small):
+    adata, model = small
+    broken = sgf.Geneformer.from_config("V1-10M", model.vocab, random_state=0, **TINY)
+    with torch.no_grad():
+        broken.bert.encoder.layer[0].output.dense.bias.fill_(float("nan"))
+    adata = adata.copy()
+    with pytest.warns(UserWarning, match=r"60 of 60 cells with tokens pooled to a non-finite"):
+        sgf.tl.embed(adata, broken)
+
+
+# ---------------------------------------------------------------- item 7: key_added collisions
+@pytest.mark.parametrize(
+    ("tool", "key"),
+    [
+        ("embed", "geneformer_tokens"),
+        ("embed", "geneformer"),
+        ("in_silico_delete", "geneformer"),
+    ],
+)
+def test_key_added_on_a_token_slot_is_refused_before_any_work(small, tool, key):
+    adata, model = small
+    adata = adata.copy()
+    tokens = adata.obsm["geneformer_tokens"].copy()
+    with pytest.raises(ValueError, match=rf"key_added='{key}'.*holds the tokenization"):
+        getattr(sgf.tl, tool)(adata, model, key_added=key)
+    np.testing.assert_array_equal(adata.obsm["geneformer_tokens"], tokens)
+    assert "vocabulary_sha256" in adata.uns["geneformer"]
+
+
+def test_key_added_must_be_a_name(small):
+    adata, model = small
+    with pytest.raises(TypeError, match="key_added must be a non-empty string, got None"):
+        sgf.tl.embed(adata.copy(), model, key_added=None)
+
+
+# ---------------------------------------------------------------- items 8, 9: state columns
+def _int_states(adata, kind: str):
+    adata = adata.copy()
+    is_disease = (adata.obs["state"] == "disease").to_numpy()
+    if kind == "int":
+        adata.obs["code"] = is_disease.astype(np.int64)
+    elif kind == "categorical":
+        adata.obs["code"] = pd.Categorical(is_disease.astype(np.int64))
+    else:
+        adata.obs["code"] = is_disease
+    return adata
+
+
+@pytest.mark.parametrize(
+    ("kind", "start", "goal"),
+    [
+        ("int", 1, 0),
+        ("int", "1", "0"),
+        ("categorical", 1, "0"),
+        ("bool", True, False),
+        ("bool", "True", "False"),
+    ],
+)
+def test_non_string_state_columns_screen_like_strings(small, kind, start, goal):
+    adata, model = small
+    reference = adata.copy()
+    kwargs = dict(max_cells=3, min_cells=1, genes=list(model.vocab.genes[:6]), n_null_genes=0)
+    with pytest.warns(UserWarning, match="pretrained encoder"):
+        sgf.tl.in_silico_delete(
+            reference,
+            model,
+            state_key="state",
+            start_state="disease",
+            goal_state="healthy",
+            **kwargs,
+        )
+    coded = _int_states(adata, kind)
+    with pytest.warns(UserWarning, match="pretrained encoder"):
+        sgf.tl.in_silico_delete(
+            coded, model, state_key="code", start_state=start, goal_state=goal, **kwargs
+        )
+    np.testing.assert_allclose(
+        coded.var["in_silico_delete_shift"], reference.var["in_silico_delete_shift"], rtol=1e-6
+    )
+
+
+def test_unknown_state_on_an_int_column_lists_the_states_present_consistently(small):
+    adata, model = small
+    coded = _int_states(adata, "int")
+    with pytest.raises(ValueError, match=r"\['2'\] not found .*present are \['0', '1'\]"):
+        sgf.tl.in_silico_delete(coded, model, state_key="code", start_state=2, goal_state=0)
+
+
+@pytest.mark.parametrize(
+    ("start", "goal", "alts"),
+    [
+        ("disease", "disease", ()),
+        ("disease", "healthy", ("healthy",)),
+        ("disease", "healthy", ("disease",)),
+    ],
+)
+def test_a_state_named_twice_is_refused(small, start, goal, alts):
+    adata, model = small
+    with pytest.raises(ValueError, match="must all be different states"):
+        sgf.tl.in_silico_delete(
+            adata.copy(),
+            model,
+            state_key="state",
+            start_state=start,
+            goal_state=goal,
+            alt_states=alts,
+        )
