@@ -181,7 +181,14 @@ def _check_fingerprint(saved: dict[str, Any], now: dict[str, Any], folder: Path)
         return
     described = []
     for k in changed:
-        if k in _FINGERPRINT_NAMES:
+        if k == "model_config" and isinstance(saved.get(k), dict):
+            fields = [
+                f"{f}: {saved[k].get(f)!r} then, {v!r} now"
+                for f, v in now[k].items()
+                if saved[k].get(f) != v
+            ]
+            described.append(f"{_FINGERPRINT_NAMES[k]} ({', '.join(fields)})")
+        elif k in _FINGERPRINT_NAMES:
             described.append(_FINGERPRINT_NAMES[k])
         else:
             described.append(f"{k}: {saved.get(k)!r} then, {now[k]!r} now")
