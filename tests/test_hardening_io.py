@@ -697,3 +697,30 @@ def test_an_arrow_dataset_read_is_unchanged_by_the_scan(tmp_path):
     cells = random_cells(20)
     source = read_arrow_dataset(write_arrow_dataset(tmp_path / "ds", cells))
     assert len(source.scan(module_vocab())) == 32
+
+
+def test_metadata_pointing_the_weights_elsewhere_is_refused(tmp_path):
+    saved_model(tmp_path / "m")
+    meta_path = tmp_path / "m" / "scgeneformer.json"
+    meta = json.loads(meta_path.read_text())
+    meta["weights_file"] = "../../somewhere/huge.bin"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"names the weights file '\.\./\.\./somewhere/huge\.bin'"):
+        sgf.Geneformer.from_pretrained(tmp_path / "m")
+
+
+def test_a_lock_file_that_cannot_be_opened_is_named(tmp_path):
+    folder = tmp_path / "run"
+    (folder / _run_lock.LOCK_NAME).mkdir(parents=True)  # as unopenable as another user's file
+    with pytest.raises(
+        PermissionError, match=r"Cannot open the run folder's lock file .*\.scgeneformer\.lock"
+    ):
+        _run_lock.lock_run_folder(folder)
+
+
+def test_sparse_token_slots_are_refused_with_the_shape(corpus, tmp_path):
+    vocab, adata = corpus
+    bad = adata.copy()
+    bad.obsm["geneformer_tokens"] = sp.csr_matrix(bad.obsm["geneformer_tokens"])
+    with pytest.raises(ValueError, match=r"must be a \(cells, length\) matrix"):
+        pretrain(bad, tiny_model(vocab), output_dir=tmp_path / "run", **SHORT)

@@ -85,7 +85,13 @@ def verify_weights_file(folder: Path, metadata: Mapping[str, Any]) -> None:
     recorded = metadata.get("weights_sha256")
     if not recorded:
         return
-    path = folder / str(metadata.get("weights_file") or SAFETENSORS_NAME)
+    name = str(metadata.get("weights_file") or SAFETENSORS_NAME)
+    if Path(name).name != name:  # a file of the folder, never a path elsewhere
+        raise ValueError(
+            f"{METADATA_NAME} in {str(folder)!r} names the weights file {name!r}, which is not "
+            "a file name in the folder: the metadata is damaged or was edited."
+        )
+    path = folder / name
     if not path.is_file():
         raise FileNotFoundError(
             f"{METADATA_NAME} in {str(folder)!r} describes the weights file {path.name!r}, which "

@@ -120,7 +120,14 @@ def lock_run_folder(folder: str | os.PathLike) -> RunLock:
     """
     folder = Path(folder)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise PermissionError(
+            f"Cannot open the run folder's lock file {str(path)!r} for writing "
+            f"({type(err).__name__}: {err}); another user's run may own it. Choose an output_dir "
+            "of your own. Nothing was trained."
+        ) from err
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
