@@ -6,6 +6,8 @@ the file also names its holder (host, pid, start time), so the second run is tol
 folder. The kernel drops a flock when its process dies, however it dies, so a run killed with
 SIGKILL never leaves the folder locked; a clean end also empties the file, so a file that still
 names a holder when the lock is free was left by a run that died, which is said with a warning.
+That holds for a holder on another host too where flock spans hosts (NFSv4, Lustre mounted
+with flock, GPFS): a preempted job resumed on another node takes the folder over.
 
 On file systems without ``flock`` (some network mounts) the holder named in the file decides:
 a dead process on this host is taken over, anything else is refused (a process on another
@@ -144,7 +146,11 @@ def lock_run_folder(folder: str | os.PathLike) -> RunLock:
                 raise
             kernel_lock = False  # no flock here: only the holder named in the file can tell
         previous = _read_holder(fd)
-        if previous is not None and previous.get("pid") != os.getpid():
+        mine = previous is not None and (previous.get("host"), previous.get("pid")) == (
+            socket.gethostname(),
+            os.getpid(),
+        )
+        if previous is not None and not mine:
             if not kernel_lock and (
                 _alive_here(previous) or previous.get("host") != socket.gethostname()
             ):
