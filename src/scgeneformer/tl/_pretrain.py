@@ -103,7 +103,10 @@ def pretrain(
     continues from the newest complete checkpoint with weights, optimizer, schedule, random
     states and data position restored: the result equals that of an uninterrupted run.
     ``max_steps``/``epochs`` may change on resume (the schedule then follows the new total);
-    arguments that define the data or the optimisation may not.
+    arguments that define the data or the optimisation may not, nor the model's architecture or
+    vocabulary. The tokens are hashed once before training (the same pass refuses ids outside
+    the vocabulary), so resuming on other or reordered cells is refused even when the cell and
+    token counts agree.
 
     Parameters
     ----------
