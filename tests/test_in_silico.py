@@ -322,6 +322,8 @@ def test_bad_input_is_refused(states_data):
     empty.obs["geneformer_n_tokens"] = np.where(
         empty.obs["state"] == "empty", 0, empty.obs["geneformer_n_tokens"]
     )
+    # A cell without tokens has a row of <pad> too (the count and the row must agree).
+    empty.obsm["geneformer_tokens"][(empty.obs["state"] == "empty").to_numpy()] = 0
     with pytest.raises(ValueError, match="'empty' of obs\\['state'\\] has no cells with tokens"):
         sgf.tl.in_silico_delete(
             empty, model, state_key="state", start_state="empty", goal_state="healthy"

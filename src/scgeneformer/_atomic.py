@@ -37,6 +37,15 @@ def _umask() -> int:
     return mask
 
 
+def honour_umask(path: Path) -> None:
+    """Give a file the permissions of any file the user creates (0666 less the umask).
+
+    For files whose writer picks private permissions itself (safetensors writes 0600), so a
+    saved model stays readable by the colleagues the umask lets read it.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Give a temporary path beside ``path``; when the block ends, it replaces ``path``.

@@ -1,7 +1,8 @@
 """``scgeneformer pretrain CONFIG``: pretraining from a JSON or TOML file, torchrun-ready.
 
 A config names the data, the model and the run; paths are relative to the config's folder.
-``[training]`` takes any keyword argument of :func:`scgeneformer.tl.pretrain`::
+``[training]`` takes any keyword argument of :func:`scgeneformer.tl.pretrain` (``layer`` and
+``gene_key`` also as ``--layer`` and ``--gene-key``)::
 
     data = ["corpus/a.h5ad", "corpus/b.h5ad"]   # or a token store / arrow data set folder
     output_dir = "runs/v1"
@@ -145,8 +146,10 @@ def build_model(spec: dict[str, Any]):
     )
 
 
-def run_config(path: str | os.PathLike, *, resume: bool | None = None):
-    """Pretrain as a config file says; ``resume`` overrides its ``[training] resume``.
+def run_config(path: str | os.PathLike, *, resume: bool | None = None, **overrides: Any):
+    """Pretrain as a config file says; ``resume`` and ``overrides`` replace its ``[training]``.
+
+    ``overrides`` that are None are left out (the command line's unset options).
 
     Examples
     --------
@@ -161,12 +164,13 @@ def run_config(path: str | os.PathLike, *, resume: bool | None = None):
     training = dict(config.get("training", {}))
     if resume is not None:
         training["resume"] = resume
+    training.update({k: v for k, v in overrides.items() if v is not None})
     model = build_model(config["model"])
     return pretrain(config["data"], model, output_dir=config["output_dir"], **training)
 
 
 def _run(args: argparse.Namespace) -> int:
-    model = run_config(args.config, resume=args.resume)
+    model = run_config(args.config, resume=args.resume, layer=args.layer, gene_key=args.gene_key)
     if int(os.environ.get("RANK", "0")) == 0:
         evaluation = model.training_args["history"]["eval"]
         accuracy = f", held-out accuracy {evaluation[-1]['accuracy']:.3f}" if evaluation else ""
@@ -185,12 +189,18 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="continue from the newest checkpoint in output_dir",
     )
+    parser.add_argument(
+        "--layer", help="layer of the h5ad files that holds the counts (default: X)"
+    )
+    parser.add_argument(
+        "--gene-key", help="var column of the h5ad files with Ensembl ids (default: var_names)"
+    )
     parser.set_defaults(run=_run)
     return parser
 
 
 def add_pretrain_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``pretrain CONFIG [--resume]`` to the ``scgeneformer`` command line.
+    """Add ``pretrain CONFIG [--resume] [--layer L] [--gene-key K]`` to the command line.
 
     Examples
     --------

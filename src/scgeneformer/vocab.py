@@ -504,15 +504,53 @@ class Vocabulary:
             [-1 if g is None else lookup[g] for g in self.resolve(names)], dtype=np.int64
         )
 
-    def check_tokens(self, tokens: np.ndarray, *, what: str = "tokens") -> None:
-        """Raise if ``tokens`` hold ids outside this vocabulary."""
-        tokens = np.asarray(tokens)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.size):
-            bad = tokens[(tokens < 0) | (tokens >= self.size)]
+    def check_tokens(self, tokens: Any, *, where: str | None = None) -> None:
+        """Refuse token ids that are not integers inside this vocabulary (0 .. size - 1).
+
+        The one check every entry point of tokens uses (AnnData slots, token stores, arrow
+        data sets, the model's forward): an id out of range would otherwise fail deep inside
+        the embedding lookup (on CUDA as a device-side assert that poisons the process).
+
+        Parameters
+        ----------
+        tokens
+            A numpy array or torch tensor of ids (any shape); min and max are taken where
+            it lives, so a tensor on the GPU costs one synchronisation.
+        where
+            Where the tokens come from, for the message.
+
+        Examples
+        --------
+        >>> vocab.check_tokens(np.array([[2, 3, 0]]))
+        >>> vocab.check_tokens(np.array([[2, 99]]), where="my tokens")
+        Traceback (most recent call last):
+        ...
+        ValueError: Token ids outside the model's vocabulary 'custom' (0..51) in my tokens, e.g. [99]. Were the tokens made with another vocabulary?
+        """  # noqa: E501 - a doctest's expected output is one line
+        if not hasattr(tokens, "dtype"):  # lists and other sequences
+            tokens = np.asarray(tokens)
+        in_where = f" in {where}" if where else ""
+        if not _integer_dtype(tokens.dtype):
             raise ValueError(
-                f"{what} hold ids outside the vocabulary {self.name!r} (0..{self.size - 1}), "
-                f"e.g. {bad[:3].tolist()}. Were they made with another vocabulary?"
+                f"Token ids{in_where} must be integers, got {tokens.dtype}; make them with "
+                "sgf.pp.rank_tokenize (or a token store) instead of by hand."
             )
+        empty = tokens.numel() == 0 if hasattr(tokens, "numel") else tokens.size == 0
+        if empty or (tokens.min() >= 0 and tokens.max() < self.size):
+            return
+        bad = tokens[(tokens < 0) | (tokens >= self.size)]
+        raise ValueError(
+            f"Token ids outside the model's vocabulary {self.name!r} (0..{self.size - 1})"
+            f"{in_where}, e.g. {bad[:3].tolist()}. Were the tokens made with another vocabulary?"
+        )
+
+
+def _integer_dtype(dtype: Any) -> bool:
+    """Whether a numpy or torch dtype holds integers (not floats, complex numbers or booleans)."""
+    if isinstance(dtype, np.dtype):
+        return bool(np.issubdtype(dtype, np.integer))
+    # A torch dtype, told apart without importing torch here.
+    return not (dtype.is_floating_point or dtype.is_complex or str(dtype) == "torch.bool")
 
 
 __all__ = ["CLS", "EOS", "MASK", "PAD", "Vocabulary"]

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from anndata import AnnData
 
 from ..train._distributed import Distributed
+from ..vocab import Vocabulary
 from ._batching import token_budget_batches
-from ._store import FlatTokens, TokenStore, build_token_store, store_matches
+from ._store import FlatTokens, TokenStore, build_token_store, scan_tokens, store_matches
 
 if TYPE_CHECKING:
     from ..model import Geneformer
@@ -38,6 +39,10 @@ class TokenSource(Protocol):
 
     def padded(self, indices: np.ndarray) -> np.ndarray:
         """Tokens of the cells ``indices``, right-padded with 0, as int64."""
+        ...
+
+    def scan(self, vocab: Vocabulary) -> str:
+        """Refuse ids outside ``vocab``; return a hash of the cells' tokens (one pass)."""
         ...
 
 
@@ -64,6 +69,22 @@ class PaddedTokens:
         indices = np.asarray(indices, dtype=np.int64)
         width = int(self.lengths[indices].max(initial=0))
         return np.asarray(self._tokens[indices, :width], dtype=np.int64)
+
+    def scan(self, vocab: Vocabulary) -> str:
+        """Refuse ids outside ``vocab``; return the cells' hash (``_store.scan_tokens``).
+
+        Each row is read up to its length, so an AnnData and a token store of the same cells
+        hash alike.
+        """
+        rows = max(1, 2**24 // max(self._tokens.shape[1], 1))
+
+        def chunks() -> Iterator[np.ndarray]:
+            for start in range(0, len(self), rows):
+                block = np.asarray(self._tokens[start : start + rows])
+                lengths = self.lengths[start : start + rows]
+                yield block[np.arange(block.shape[1]) < lengths[:, None]]
+
+        return scan_tokens(chunks(), self.lengths, vocab, self.description)
 
 
 # ---------------------------------------------------------------------- arrow data sets
@@ -188,6 +209,8 @@ def open_corpus(
     ctx: Distributed,
     require_existing_store: bool = False,
     n_jobs: int | None = None,
+    layer: str | None = None,
+    gene_key: str | None = None,
 ) -> TokenSource:
     """Turn what a user gives to ``tl.pretrain`` into one token source, checked against ``model``.
 
@@ -208,6 +231,9 @@ def open_corpus(
         Refuse to (re)build the store: a resumed run must see the data it started with.
     n_jobs
         Worker processes for building the store.
+    layer, gene_key
+        Where the h5ad files hold their counts and gene ids, as in
+        :func:`~scgeneformer.pp.rank_tokenize`.
 
     Returns
     -------
@@ -241,21 +267,19 @@ def open_corpus(
             if path == h5ads[0]:
                 pieces.append(
                     _h5ad_store(
-                        h5ads, model, Path(store_folder), ctx, require_existing_store, n_jobs
+                        h5ads,
+                        model,
+                        Path(store_folder),
+                        ctx,
+                        require_existing_store,
+                        {"n_jobs": n_jobs, "layer": layer, "gene_key": gene_key},
                     )
                 )
         elif _is_store(path):
             pieces.append(TokenStore(path))
         elif is_arrow_dataset(path):
-            arrow = read_arrow_dataset(path)
-            largest = arrow.max_token()
-            if largest >= len(model.vocab):
-                raise ValueError(
-                    f"{arrow.description} holds token id {largest}, outside the model's "
-                    f"vocabulary {model.vocab.name!r} (0..{len(model.vocab) - 1}); was it "
-                    "tokenized with another vocabulary?"
-                )
-            pieces.append(arrow)
+            # Its ids are checked by the source's scan, once for the whole corpus.
+            pieces.append(read_arrow_dataset(path))
         elif not path.exists():
             raise FileNotFoundError(f"Corpus path {str(path)!r} does not exist.")
         else:
@@ -284,12 +308,17 @@ def _h5ad_store(
     folder: Path,
     ctx: Distributed,
     require_existing: bool,
-    n_jobs: int | None,
+    options: dict[str, Any],
 ) -> TokenStore:
+    """Tokenize h5ad files into the run's store (rank 0), or reuse it if it holds them.
+
+    ``options`` are ``n_jobs`` and the ``layer`` and ``gene_key`` the store must be made with.
+    """
     max_length = min(model.vocab.max_length, model.max_length)
+    made_with = {"layer": options["layer"], "gene_key": options["gene_key"]}
 
     def build() -> None:
-        if store_matches(folder, paths, model.vocab, max_length=max_length):
+        if store_matches(folder, paths, model.vocab, max_length=max_length, **made_with):
             return
         if require_existing:
             raise ValueError(
@@ -298,7 +327,13 @@ def _h5ad_store(
                 "run must see the data it started with. Start a new run in another output_dir."
             )
         build_token_store(
-            paths, model.vocab, folder, max_length=max_length, n_jobs=n_jobs, overwrite=True
+            paths,
+            model.vocab,
+            folder,
+            max_length=max_length,
+            n_jobs=options["n_jobs"],
+            overwrite=True,
+            **made_with,
         )
 
     ctx.on_main(build, "building the token store")

@@ -17,6 +17,7 @@ file nor the corpus is ever held in memory whole; readers memory-map the shards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -54,6 +55,46 @@ OBS_NAMES_NAME = "obs_names.npy"
 
 StoreItem = AnnData | str | os.PathLike
 _BYTES_PER_WORKER = 256 * 2**20
+# Tokens read at a time by :func:`scan_tokens`: bounds its memory on a memory-mapped corpus.
+_SCAN_TOKENS = 2**24
+
+
+def scan_tokens(
+    chunks: Iterable[np.ndarray], lengths: np.ndarray, vocab: Vocabulary, where: str
+) -> str:
+    """Check every token id against ``vocab`` and hash the cells, in one pass over the data.
+
+    The hash (blake2b) covers the cell lengths and the tokens in cell order, as ``uint16``
+    (``int32`` for vocabularies above 65,536 ids), so equal cells give equal hashes whether
+    they come from an AnnData, a token store or an arrow data set; reordered cells do not.
+
+    Parameters
+    ----------
+    chunks
+        The cells' tokens end to end (no padding), in pieces.
+    lengths
+        Tokens per cell.
+    vocab
+        The model's vocabulary (:meth:`~scgeneformer.Vocabulary.check_tokens`).
+    where
+        The source, for messages.
+
+    Returns
+    -------
+    The hex digest.
+
+    Examples
+    --------
+    >>> len(scan_tokens([np.array([5, 9, 7])], np.array([2, 1]), vocab, "two cells"))
+    32
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.ascontiguousarray(lengths, dtype="<i8"))
+    dtype = np.dtype("<u2") if len(vocab) <= 2**16 else np.dtype("<i4")
+    for chunk in chunks:
+        vocab.check_tokens(chunk, where=where)
+        digest.update(np.ascontiguousarray(chunk, dtype=dtype))
+    return digest.hexdigest()
 
 
 class FlatTokens:
@@ -117,6 +158,20 @@ class FlatTokens:
         """Largest token id stored (-1 when there are none); reads every part once."""
         return max((int(flat.max()) for flat, _ in self._parts if len(flat)), default=-1)
 
+    def scan(self, vocab: Vocabulary) -> str:
+        """Refuse ids outside ``vocab`` and return the hash of the cells (:func:`scan_tokens`).
+
+        Only each part's cells are read (an arrow chunk's buffer may hold more).
+        """
+
+        def chunks() -> Iterator[np.ndarray]:
+            for flat, offsets in self._parts:
+                first, last = (int(offsets[0]), int(offsets[-1])) if len(offsets) else (0, 0)
+                for start in range(first, last, _SCAN_TOKENS):
+                    yield np.asarray(flat[start : min(start + _SCAN_TOKENS, last)])
+
+        return scan_tokens(chunks(), self.lengths, vocab, self.description)
+
 
 # ---------------------------------------------------------------------- reading
 
@@ -160,29 +215,61 @@ class TokenStore(FlatTokens):
         if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
             raise ValueError(f"{str(manifest_path)!r} is not a scgeneformer token store manifest.")
         self.manifest = manifest
-        dtype = np.dtype(manifest["token_dtype"])
-        parts = []
-        for shard in manifest["shards"]:
-            where = self.folder / shard["folder"]
-            offsets = np.load(where / OFFSETS_NAME, mmap_mode="r")
-            n_tokens = int(offsets[-1])
-            tokens_path = where / TOKENS_NAME
-            if len(offsets) != shard["n_cells"] + 1 or n_tokens != shard["n_tokens"]:
-                raise ValueError(f"Token store shard {str(where)!r} does not match the manifest.")
-            if tokens_path.stat().st_size != n_tokens * dtype.itemsize:
-                raise ValueError(
-                    f"Token store file {str(tokens_path)!r} has {tokens_path.stat().st_size} "
-                    f"bytes, not the {n_tokens * dtype.itemsize} the manifest implies; it is "
-                    "truncated or damaged. Build the store again."
-                )
-            # np.memmap refuses empty files; an empty shard needs no mapping.
-            flat = (
-                np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,))
-                if n_tokens
-                else np.zeros(0, dtype)
-            )
-            parts.append((flat, offsets))
+        try:
+            dtype = np.dtype(manifest["token_dtype"])
+            shards = [
+                (s["folder"], int(s["n_cells"]), int(s["n_tokens"])) for s in manifest["shards"]
+            ]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"Token store manifest {str(manifest_path)!r} is incomplete ({type(err).__name__}: "
+                f"{err}). Build the store again."
+            ) from err
+        parts = [
+            self._open_shard(self.folder / name, n_cells, n_tokens, dtype)
+            for name, n_cells, n_tokens in shards
+        ]
         super().__init__(parts, f"token store {str(self.folder)!r}")
+
+    @staticmethod
+    def _open_shard(
+        where: Path, n_cells: int, n_tokens: int, dtype: np.dtype
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Memory-map one shard after checking it against its manifest entry."""
+        rebuild = "Build the store again (build_token_store(..., overwrite=True))."
+        tokens_path = where / TOKENS_NAME
+        try:
+            offsets = np.load(where / OFFSETS_NAME, mmap_mode="r")
+            size = tokens_path.stat().st_size
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"Token store shard {str(where)!r} is missing or unreadable ({type(err).__name__}: "
+                f"{err}): the store is incomplete or damaged. {rebuild}"
+            ) from err
+        if (
+            offsets.ndim != 1
+            or len(offsets) != n_cells + 1
+            or int(offsets[0]) != 0
+            or int(offsets[-1]) != n_tokens
+            or bool((np.diff(offsets) < 0).any())
+        ):
+            raise ValueError(
+                f"Token store shard {str(where)!r} does not match the manifest (its offsets are "
+                f"not {n_cells + 1} rising values from 0 to {n_tokens}). {rebuild}"
+            )
+        if size != n_tokens * dtype.itemsize:
+            raise ValueError(
+                f"Token store file {str(tokens_path)!r} has {size} bytes, not the "
+                f"{n_tokens * dtype.itemsize} the manifest implies; it is truncated or damaged. "
+                f"{rebuild}"
+            )
+        # np.memmap refuses empty files; an empty shard needs no mapping.
+        flat = (
+            np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,))
+            if n_tokens
+            else np.zeros(0, dtype)
+        )
+        return flat, offsets
 
     @property
     def vocabulary_sha256(self) -> str:
@@ -196,8 +283,16 @@ class TokenStore(FlatTokens):
 
     @property
     def vocabulary(self) -> Vocabulary:
-        """The vocabulary itself, read from the store."""
-        return Vocabulary.load(self.folder / VOCAB_NAME)
+        """The vocabulary itself, read from the store and checked against the manifest."""
+        vocab = Vocabulary.load(self.folder / VOCAB_NAME)
+        if vocab.sha256 != self.vocabulary_sha256:
+            raise ValueError(
+                f"{str(self.folder / VOCAB_NAME)!r} holds vocabulary {vocab.name!r} (sha256 "
+                f"{vocab.sha256[:12]}…), not the {self.vocabulary_name!r} (sha256 "
+                f"{self.vocabulary_sha256[:12]}…) the tokens were made with; the store was "
+                "edited or mixed up. Build it again."
+            )
+        return vocab
 
     def cell(self, index: int) -> np.ndarray:
         """Tokens of one cell (no padding)."""
@@ -566,4 +661,4 @@ def _run_jobs(jobs: list[_ShardJob], n_workers: int) -> list[dict[str, Any]]:
     return [r for r in results if r is not None]
 
 
-__all__ = ["FlatTokens", "TokenStore", "build_token_store", "flat_with_specials"]
+__all__ = ["FlatTokens", "TokenStore", "build_token_store", "flat_with_specials", "scan_tokens"]

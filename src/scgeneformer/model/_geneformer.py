@@ -240,6 +240,8 @@ class Geneformer(nn.Module):
         )
         metadata_path = folder / ckpt.METADATA_NAME
         metadata = ckpt.read_json(metadata_path, "Metadata") if metadata_path.is_file() else {}
+        # Before the vocabulary checks: a folder mixed from two saves is named as that.
+        ckpt.verify_weights_file(folder, metadata)
         vocab = vocab if vocab is not None else ckpt.find_vocabulary(folder, config.vocab_size)
         if vocab is None:
             raise FileNotFoundError(
@@ -261,6 +263,7 @@ class Geneformer(nn.Module):
                 f"{vocab.name!r} (sha256 {vocab.sha256[:12]}…)."
             )
         raw, weights_path = ckpt.read_weights(folder)
+        ckpt.check_finite(raw, str(weights_path))  # the heads too: classifiers load from raw
         with torch.device("meta"):
             model = cls(config, vocab, preset=metadata.get("preset"))
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -389,15 +392,9 @@ class Geneformer(nn.Module):
             )
         return tokens.long()
 
-    def check_token_ids(self, ids: torch.Tensor) -> None:
-        """Refuse token ids outside the vocabulary, with the ids found and the likely cause."""
-        if ids.numel() and (ids.min() < 0 or ids.max() >= len(self.vocab)):
-            bad = ids[(ids < 0) | (ids >= len(self.vocab))]
-            raise ValueError(
-                f"Token ids outside the model's vocabulary {self.vocab.name!r} "
-                f"(0..{len(self.vocab) - 1}), e.g. {bad[:3].tolist()}. Were the tokens made "
-                "with another vocabulary?"
-            )
+    def check_token_ids(self, ids: torch.Tensor | np.ndarray, where: str | None = None) -> None:
+        """Refuse token ids outside the vocabulary (:meth:`Vocabulary.check_tokens`)."""
+        self.vocab.check_tokens(ids, where=where)
 
     def _check_length(self, length: int) -> None:
         if length > self.max_length:

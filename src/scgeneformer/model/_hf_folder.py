@@ -3,11 +3,14 @@
 A folder holds ``config.json`` (a transformers BERT config), the weights (``model.safetensors``,
 or ``pytorch_model.bin`` read with ``torch.load(weights_only=True)``, possibly sharded with an
 ``*.index.json``), the vocabulary (our ``vocab.json``, or Geneformer's pickled dictionaries) and
-our ``scgeneformer.json`` metadata.
+our ``scgeneformer.json`` metadata. The metadata we write records the sha256 of the weights
+file; loading checks it, so a damaged file, or the weights of one save beside the metadata of
+another (a save into an existing folder killed halfway), is refused instead of used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -16,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .._atomic import fsync_tree, staging_folder
+from .._atomic import fsync_path, fsync_tree, honour_umask, staging_folder
 from .._version import __version__
 from ..vocab import Vocabulary
 
@@ -26,6 +29,12 @@ BIN_NAME = "pytorch_model.bin"
 VOCAB_NAME = "vocab.json"
 METADATA_NAME = "scgeneformer.json"
 METADATA_FORMAT = "scgeneformer-model"
+# The files a save writes, in the order they replace an existing folder's: the metadata last,
+# so that its weights sha256 tells whether the weights beside it are the ones it describes.
+MODEL_FILES = (SAFETENSORS_NAME, CONFIG_NAME, VOCAB_NAME, METADATA_NAME)
+# Saves into an existing folder stage inside it (``.scgeneformer-save.tmp-*``), never beside
+# it: the folder's parent may not be writable, and renames within a folder never cross devices.
+STAGING_NAME = "scgeneformer-save"
 
 MLM_PREFIX = "cls.predictions."
 # Keys of official checkpoints that carry nothing this encoder uses: non-persistent buffers
@@ -52,6 +61,68 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{what} {str(path)!r} does not hold a JSON object.")
     return data
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks (weights files reach gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(2**24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights_file(folder: Path, metadata: Mapping[str, Any]) -> None:
+    """Check the weights file against the sha256 the folder's metadata records, if it does.
+
+    Folders written before the sha256 was recorded, and folders of other tools, pass as they
+    are.
+
+    Examples
+    --------
+    >>> verify_weights_file(Path("my_model"), {})  # nothing recorded: nothing to check
+    """
+    recorded = metadata.get("weights_sha256")
+    if not recorded:
+        return
+    name = str(metadata.get("weights_file") or SAFETENSORS_NAME)
+    if Path(name).name != name:  # a file of the folder, never a path elsewhere
+        raise ValueError(
+            f"{METADATA_NAME} in {str(folder)!r} names the weights file {name!r}, which is not "
+            "a file name in the folder: the metadata is damaged or was edited."
+        )
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{METADATA_NAME} in {str(folder)!r} describes the weights file {path.name!r}, which "
+            "is missing: the folder is incomplete. Save or copy the model again."
+        )
+    found = file_sha256(path)
+    if found != recorded:
+        raise ValueError(
+            f"Weights file {str(path)!r} does not match the sha256 recorded in {METADATA_NAME} "
+            f"({found[:12]}… found, {recorded[:12]}… recorded): it is damaged, was replaced, or a "
+            "save into this folder was interrupted and left the weights of one save beside the "
+            "metadata of another. Save the model again, or copy it again from where it came from."
+        )
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or inf, naming the tensors.
+
+    Examples
+    --------
+    >>> check_finite({"w": torch.ones(2)}, "model.safetensors")
+    """
+    bad = [
+        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"Checkpoint {source!r} holds NaN or inf in {_listing(bad)}: the training that made it "
+            "diverged, or the file is damaged; every embedding would be NaN. Load an earlier "
+            "checkpoint, or train again with a lower learning rate."
+        )
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -210,7 +281,14 @@ def _write_folder_contents(
 ) -> None:
     from safetensors.torch import save_file
 
-    save_file(dict(state), folder / SAFETENSORS_NAME, metadata={"format": "pt"})
+    weights = folder / SAFETENSORS_NAME
+    save_file(dict(state), weights, metadata={"format": "pt"})
+    honour_umask(weights)  # safetensors creates its files 0600
+    metadata = {
+        **metadata,
+        "weights_file": SAFETENSORS_NAME,
+        "weights_sha256": file_sha256(weights),
+    }
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     vocab.save(folder / VOCAB_NAME)
     (folder / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
@@ -223,17 +301,19 @@ def write_checkpoint(
     vocab: Vocabulary,
     metadata: Mapping[str, Any],
 ) -> Path:
-    """Write a checkpoint folder so that a reader never sees a partial one.
+    """Write a checkpoint folder so that a reader never uses a partial one.
 
     ``metadata`` holds what is particular to the model (and may name another ``format``); the
-    format, the package version and the vocabulary's name and sha256 are added here, and the
-    whole must be JSON-serialisable.
+    format, the package version, the vocabulary's name and sha256 and the weights file's sha256
+    are added here, and the whole must be JSON-serialisable.
     The tensors are written from CPU copies.
 
-    Everything is written into a temporary folder beside the target first. A new target is
-    then created by one rename. Into an existing folder (which may hold other files, such as
-    training checkpoints) each file is moved by its own rename, weights first and metadata
-    last, so every file present is always complete.
+    A new folder is written into a temporary folder beside it and appears by one rename. An
+    existing folder (which may hold other files, such as training checkpoints) is written
+    into a temporary folder inside it, then each file is moved by its own rename, weights first
+    and metadata last: every file present is always complete, and a save killed between two
+    renames leaves new weights beside old metadata, which loading refuses (the weights sha256
+    differs). Nothing is written outside an existing folder, so its parent may be read-only.
     """
     metadata = {
         "format": METADATA_FORMAT,
@@ -249,15 +329,18 @@ def write_checkpoint(
         raise TypeError(f"training_args and history must be JSON-serialisable: {err}") from err
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{str(folder)!r} exists and is not a folder.")
+    existing = folder.is_dir()
     # Not atomic_folder: a run's output_dir holds its checkpoints beside the model files.
-    with staging_folder(folder) as tmp:
+    with staging_folder(folder / STAGING_NAME if existing else folder) as tmp:
         _write_folder_contents(tmp, config, state, vocab, metadata)
         fsync_tree(tmp)
-        if not folder.exists():
+        if not existing:
             tmp.rename(folder)
+            fsync_path(folder.parent)
             return folder
-        if not folder.is_dir():
-            raise NotADirectoryError(f"{str(folder)!r} exists and is not a folder.")
-        for name in (SAFETENSORS_NAME, CONFIG_NAME, VOCAB_NAME, METADATA_NAME):
+        for name in MODEL_FILES:
             os.replace(tmp / name, folder / name)
+        fsync_path(folder)
         return folder

@@ -54,6 +54,8 @@ def pretrain(
     model: Geneformer,
     *,
     output_dir: str | os.PathLike,
+    layer: str | None = None,
+    gene_key: str | None = None,
     max_steps: int | None = None,
     epochs: int = 1,
     lr: float = 1e-3,
@@ -101,7 +103,10 @@ def pretrain(
     continues from the newest complete checkpoint with weights, optimizer, schedule, random
     states and data position restored: the result equals that of an uninterrupted run.
     ``max_steps``/``epochs`` may change on resume (the schedule then follows the new total);
-    arguments that define the data or the optimisation may not.
+    arguments that define the data or the optimisation may not, nor the model's architecture or
+    vocabulary. The tokens are hashed once before training (the same pass refuses ids outside
+    the vocabulary), so resuming on other or reordered cells is refused even when the cell and
+    token counts agree.
 
     Parameters
     ----------
@@ -118,7 +123,12 @@ def pretrain(
     output_dir
         Run folder: checkpoints, ``history.json``, the final model (loadable with
         :meth:`~scgeneformer.Geneformer.from_pretrained`) and any token store. Checked for
-        writing before anything else happens.
+        writing before anything else happens, and locked for the run's life: a second run
+        into the same folder is refused, naming the host and process that hold it.
+    layer, gene_key
+        Where the counts and the gene ids are, for cells tokenized here (h5ad files, or an
+        AnnData without tokens), as in :func:`~scgeneformer.pp.rank_tokenize`: a layer name
+        (None: ``X``) and a ``var`` column (None: ``var_names``).
     max_steps
         Optimisation steps; overrides ``epochs``.
     epochs
@@ -207,24 +217,29 @@ def pretrain(
             log_every=int(log_every),
             seed=int(random_state),
             progress=settings.progress if progress is None else bool(progress),
+            layer=layer,
+            gene_key=gene_key,
         )
         trainer = PretrainRun(model, ctx, masker, args)
-        trainer.open(_anndata_tokens(data, model), resume)
-        trainer.plan(max_steps, epochs)
-        if not (resume and trainer.restore()):
-            seed_everything(args.seed + ctx.rank)
-        return trainer.train()
+        try:
+            trainer.open(_anndata_tokens(data, model, layer, gene_key), resume)
+            trainer.plan(max_steps, epochs)
+            if not (resume and trainer.restore()):
+                seed_everything(args.seed + ctx.rank)
+            return trainer.train()
+        finally:
+            trainer.close()
     finally:
         ctx.close()
 
 
-def _anndata_tokens(data: Any, model: Geneformer) -> Any:
+def _anndata_tokens(data: Any, model: Geneformer, layer: str | None, gene_key: str | None) -> Any:
     """Read an AnnData's tokens (made now with the model's vocabulary if absent)."""
     if not isinstance(data, AnnData):
         return data
     if data.n_obs == 0:
         raise ValueError("The corpus is empty: the AnnData has no cells.")
-    tokens, n_tokens = cell_tokens(data, model)
+    tokens, n_tokens = cell_tokens(data, model, layer=layer, gene_key=gene_key)
     return PaddedTokens(tokens, n_tokens, "an AnnData")
 
 

@@ -28,7 +28,13 @@ import torch
 
 from .._atomic import atomic_folder
 from ..model import Geneformer
-from ..model._hf_folder import read_json, read_weights
+from ..model._hf_folder import (
+    METADATA_NAME,
+    STAGING_NAME,
+    read_json,
+    read_weights,
+    verify_weights_file,
+)
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_PT = "trainer_state.pt"
@@ -42,7 +48,7 @@ def checkpoint_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / CHECKPOINTS_DIR
 
 
-def ensure_writable(folder: str | os.PathLike) -> Path:
+def ensure_writable(folder: str | os.PathLike, what: str = "output_dir") -> Path:
     """Create ``folder`` if needed and prove a file can be written there, or raise.
 
     Examples
@@ -57,7 +63,7 @@ def ensure_writable(folder: str | os.PathLike) -> Path:
             pass
     except OSError as err:
         raise PermissionError(
-            f"output_dir {str(folder)!r} is not a writable folder ({type(err).__name__}: "
+            f"{what} {str(folder)!r} is not a writable folder ({type(err).__name__}: "
             f"{err}); choose another output_dir. Nothing was trained."
         ) from err
     return folder
@@ -138,7 +144,12 @@ def save_checkpoint(
 
 
 def remove_partial(output_dir: str | os.PathLike) -> None:
-    """Delete hidden temporary folders left by a checkpoint write that was interrupted."""
+    """Delete hidden temporary folders left by a checkpoint or final save that was interrupted.
+
+    Only call it while holding the run folder's lock: another run's writes look the same.
+    """
+    for path in Path(output_dir).glob(f".{STAGING_NAME}.tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
     root = checkpoint_root(output_dir)
     if root.is_dir():
         for path in root.iterdir():
@@ -175,6 +186,7 @@ def _read_checkpoint(folder: Path, step: int) -> Checkpoint:
     if info.get("format") != STATE_FORMAT or info.get("step") != step:
         raise ValueError(f"{str(folder / STATE_JSON)!r} is not the state of step {step}.")
     trainer_state = torch.load(folder / STATE_PT, map_location="cpu", weights_only=True)
+    verify_weights_file(folder, read_json(folder / METADATA_NAME, "Checkpoint metadata"))
     weights, _ = read_weights(folder)
     return Checkpoint(folder, step, info, trainer_state, weights)
 

@@ -8,6 +8,7 @@ hands them (or corpus paths) to a :class:`PretrainRun`, which it drives in order
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import warnings
@@ -34,8 +35,10 @@ from ..data._sources import (
     rank_batches,
 )
 from ..model import Geneformer
+from ..model._hf_folder import MODEL_FILES
 from ._checkpoints import (
     capture_rng,
+    checkpoint_root,
     ensure_writable,
     list_checkpoints,
     load_latest_checkpoint,
@@ -45,6 +48,7 @@ from ._checkpoints import (
 )
 from ._distributed import Distributed
 from ._optim import adamw, autocast, linear_warmup_decay, loss_scaler, seed_everything
+from ._run_lock import RunLock, lock_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +96,37 @@ def _prepare(
     return _Micro(inputs, batch.labels.to(device), batch.n_masked, int(lengths.sum()))
 
 
-def _prepare_output_dir(output_dir: Path, resume: bool) -> None:
+def _prepare_output_dir(output_dir: Path, resume: bool) -> RunLock:
+    """Take the run folder's lock and check everything the run will write, before any work.
+
+    Everything a run writes lies inside ``output_dir`` (checkpoints, history, token store, and
+    the final model, staged inside it too), so a writable ``output_dir`` and ``checkpoints``
+    folder, and no folder where a final file goes, mean no late failure for want of a place to
+    write. The lock comes first: clearing partial checkpoints is only safe with no other
+    writer.
+    """
     ensure_writable(output_dir)
-    remove_partial(output_dir)
-    found = list_checkpoints(output_dir)
-    if found and not resume:
-        raise FileExistsError(
-            f"output_dir {str(output_dir)!r} holds checkpoints of an earlier run (last: step "
-            f"{found[-1][0]}). Pass resume=True to continue it, or choose another output_dir; "
-            "nothing was overwritten."
-        )
+    lock = lock_run_folder(output_dir)
+    try:
+        ensure_writable(checkpoint_root(output_dir), "The checkpoint folder")
+        for name in (*MODEL_FILES, HISTORY_NAME):
+            if (output_dir / name).exists() and not (output_dir / name).is_file():
+                raise IsADirectoryError(
+                    f"{str(output_dir / name)!r} is a folder, but the run's final save writes a "
+                    "file there; move it away or choose another output_dir. Nothing was trained."
+                )
+        remove_partial(output_dir)
+        found = list_checkpoints(output_dir)
+        if found and not resume:
+            raise FileExistsError(
+                f"output_dir {str(output_dir)!r} holds checkpoints of an earlier run (last: step "
+                f"{found[-1][0]}). Pass resume=True to continue it, or choose another "
+                "output_dir; nothing was overwritten."
+            )
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _split_cells(
@@ -131,6 +156,49 @@ def _split_cells(
     return train_cells, eval_cells
 
 
+# Fingerprint entries that checkpoints of older versions lack; those resume with a warning.
+_NEWER_FINGERPRINT = ("tokens_blake2b", "vocabulary_sha256", "model_config")
+_FINGERPRINT_NAMES = {
+    "tokens_blake2b": "the tokens (the same cell and token counts, but other cells, other "
+    "tokens or another order)",
+    "vocabulary_sha256": "the model's vocabulary",
+    "model_config": "the model's architecture",
+}
+
+
+def _check_fingerprint(saved: dict[str, Any], now: dict[str, Any], folder: Path) -> None:
+    """Refuse to resume a checkpoint whose run differs in data, arguments or model."""
+    missing = [k for k in _NEWER_FINGERPRINT if k not in saved]
+    if missing:
+        warnings.warn(
+            f"The checkpoint {str(folder)!r} was written by an older scgeneformer and does not "
+            f"record {', '.join(missing)}; resuming without checking them.",
+            UserWarning,
+            stacklevel=4,
+        )
+    changed = [k for k, v in now.items() if k not in missing and saved.get(k) != v]
+    if not changed:
+        return
+    described = []
+    for k in changed:
+        if k == "model_config" and isinstance(saved.get(k), dict):
+            fields = [
+                f"{f}: {saved[k].get(f)!r} then, {v!r} now"
+                for f, v in now[k].items()
+                if saved[k].get(f) != v
+            ]
+            described.append(f"{_FINGERPRINT_NAMES[k]} ({', '.join(fields)})")
+        elif k in _FINGERPRINT_NAMES:
+            described.append(_FINGERPRINT_NAMES[k])
+        else:
+            described.append(f"{k}: {saved.get(k)!r} then, {now[k]!r} now")
+    raise ValueError(
+        f"Cannot resume from {str(folder)!r}: the run differs in {'; '.join(described)}. "
+        "Resume with the model, arguments and data of the original run, or start a new run in "
+        "another output_dir."
+    )
+
+
 @dataclass(frozen=True)
 class PretrainArguments:
     """The settings of a run, resolved (defaults filled in) and checked."""
@@ -149,6 +217,8 @@ class PretrainArguments:
     log_every: int
     seed: int
     progress: bool
+    layer: str | None = None
+    gene_key: str | None = None
 
 
 class _Interval:
@@ -239,11 +309,12 @@ class PretrainRun:
         self.scaler = loss_scaler(self.execution)
         self.history: dict[str, Any] = {"train": [], "eval": []}
         self.step = 0
+        self.lock: RunLock | None = None
 
     # ------------------------------------------------------------------ setup
     def open(self, data: PaddedTokens | Any, resume: bool) -> None:
         """Check the output folder, then open the corpus (tokens or paths) and split it."""
-        self.ctx.on_main(
+        self.lock = self.ctx.on_main(
             lambda: _prepare_output_dir(self.args.output_dir, resume), "checking output_dir"
         )
         self.source = open_corpus(
@@ -252,7 +323,14 @@ class PretrainRun:
             store_folder=self.args.output_dir / TOKEN_STORE_DIR,
             ctx=self.ctx,
             require_existing_store=resume and bool(list_checkpoints(self.args.output_dir)),
+            layer=self.args.layer,
+            gene_key=self.args.gene_key,
         )
+        # Once, on the CPU, before any step: ids outside the vocabulary would fail inside the
+        # embedding lookup (a device-side assert on CUDA), and the hash tells a resumed run
+        # whether these are the tokens it started with.
+        digest = self.ctx.on_main(lambda: self.source.scan(self.model.vocab), "checking the tokens")
+        self.tokens_digest = self.ctx.gather(digest)[0]
         self.train_cells, self.eval_cells = _split_cells(
             self.source, self.model.vocab.has_cls, self.args.eval_fraction, self.args.seed
         )
@@ -303,6 +381,9 @@ class PretrainRun:
             "lr": self.args.lr,
             "weight_decay": self.args.weight_decay,
             "warmup_steps": self.args.warmup_steps,
+            "tokens_blake2b": self.tokens_digest,
+            "vocabulary_sha256": self.model.vocab.sha256,
+            "model_config": dataclasses.asdict(self.model.config),
         }
         logger.info(
             "Pretraining on %d cells (%d held out) from %s: %d steps, %d per epoch",
@@ -324,17 +405,9 @@ class PretrainRun:
                 stacklevel=3,
             )
             return False
-        saved = checkpoint.info.get("fingerprint", {})
-        changed = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
-        if changed:
-            listing = "; ".join(
-                f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items()
-            )
-            raise ValueError(
-                f"Cannot resume from {str(checkpoint.folder)!r}: the run differs in {listing}. "
-                "Resume with the arguments and data of the original run, or start a new run "
-                "in another output_dir."
-            )
+        _check_fingerprint(
+            checkpoint.info.get("fingerprint", {}), self.fingerprint, checkpoint.folder
+        )
         self.model.load_state_dict(checkpoint.weights)
         self.optimizer.load_state_dict(checkpoint.trainer_state["optimizer"])
         self.scheduler.load_state_dict(checkpoint.trainer_state["scheduler"])
@@ -519,6 +592,12 @@ class PretrainRun:
             write_json_atomic(self.args.output_dir / HISTORY_NAME, self.history)
 
         self.ctx.on_main(write, f"writing the checkpoint of step {self.step}")
+
+    def close(self) -> None:
+        """Release the run folder's lock (rank 0); the run's other resources need nothing."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _save_final(self) -> None:
         self.model.save(self.args.output_dir)
