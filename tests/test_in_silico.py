@@ -220,7 +220,7 @@ def test_overexpression_shifts_by_hand(states_data, with_states):
 
 
 def test_overexpression_variants_by_hand():
-    from scgeneformer.tl._in_silico import _deleted, _inserted_in_front, _moved_to_front
+    from scgeneformer.tl._variants import _deleted, _inserted_in_front, _moved_to_front
 
     row = torch.tensor([2, 10, 11, 12, 13, 3])
     assert _deleted(row, torch.tensor([2])).tolist() == [[2, 10, 12, 13, 3]]

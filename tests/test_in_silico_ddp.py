@@ -97,7 +97,7 @@ COMBINED_SCRIPT = textwrap.dedent(
     import torch
     import torch.distributed as dist
     import scgeneformer as sgf
-    import scgeneformer.tl._in_silico as screens
+    import scgeneformer.tl._screen_run as screens
 
     if __name__ == "__main__":
         torch.set_num_threads(1)
