@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 import scgeneformer as sgf
-from scgeneformer.data._store import build_token_store
+from scgeneformer.data._store_build import build_token_store
 from scgeneformer.tl._pretrain import pretrain
 
 V1_GENES = 25_424

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 import scgeneformer as sgf
 from scgeneformer import _atomic
 from scgeneformer.data._sources import read_arrow_dataset
-from scgeneformer.data._store import TokenStore, build_token_store
+from scgeneformer.data._store import TokenStore
+from scgeneformer.data._store_build import build_token_store
 from scgeneformer.model import _hf_folder
 from scgeneformer.model._classifier import GeneformerClassifier
 from scgeneformer.tl import pretrain

@@ -16,7 +16,7 @@ import transformers
 import scgeneformer as sgf
 from scgeneformer.data._masking import GeneMasker, batch_generator
 from scgeneformer.data._sources import PaddedTokens
-from scgeneformer.data._store import build_token_store
+from scgeneformer.data._store_build import build_token_store
 from scgeneformer.pl._training import loss_curve
 from scgeneformer.pretrain_cli import main as pretrain_main
 from scgeneformer.tl import pretrain

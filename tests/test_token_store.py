@@ -16,7 +16,8 @@ import scipy.sparse as sp
 
 import scgeneformer as sgf
 from scgeneformer.data._sources import read_arrow_dataset
-from scgeneformer.data._store import TokenStore, build_token_store, store_matches
+from scgeneformer.data._store import TokenStore
+from scgeneformer.data._store_build import build_token_store, store_matches
 
 V1_SPECIAL = {"<pad>": 0, "<mask>": 1}
 

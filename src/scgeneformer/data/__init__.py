@@ -4,7 +4,8 @@ from ._arrow_writer import write_arrow_dataset
 from ._batching import pack_tokens, restore_order, token_budget_batches
 from ._masking import GeneMasker, MaskedBatch
 from ._sources import read_arrow_dataset
-from ._store import TokenStore, build_token_store
+from ._store import TokenStore
+from ._store_build import build_token_store
 
 __all__ = [
     "GeneMasker",

@@ -21,7 +21,8 @@ from anndata import AnnData
 from ..train._distributed import Distributed
 from ..vocab import Vocabulary
 from ._batching import token_budget_batches
-from ._store import FlatTokens, TokenStore, build_token_store, scan_tokens, store_matches
+from ._store import FlatTokens, TokenStore, scan_tokens
+from ._store_build import build_token_store, store_matches
 
 if TYPE_CHECKING:
     from ..model import Geneformer
