@@ -12,10 +12,14 @@ In ``adata.uns`` (which h5ad files must be able to hold) the same records are st
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
+import torch
+
+from ._distributed import Distributed
 
 Records = list[dict[str, Any]]
 
@@ -89,3 +93,30 @@ def _records(part: Records | pd.DataFrame) -> Records:
             for row in part.to_dict("records")
         ]
     return list(part)
+
+
+class LossInterval:
+    """Masked-gene loss and throughput sums between two log lines of pretraining."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.ce: torch.Tensor | float = 0.0
+        self.n_masked = 0
+        self.n_tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, ce: torch.Tensor, n_masked: int, n_tokens: int) -> None:
+        self.ce = self.ce + ce.detach()
+        self.n_masked += n_masked
+        self.n_tokens += n_tokens
+
+    def flush(self, ctx: Distributed) -> tuple[float, float]:
+        """Global mean loss and tokens/s since the last flush (a collective)."""
+        ce = float(self.ce) if isinstance(self.ce, float) else float(self.ce.item())
+        total = ctx.all_reduce_sum([ce, self.n_masked, self.n_tokens])
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        loss = float(total[0] / max(total[1], 1))
+        self.reset()
+        return loss, float(total[2]) / seconds

@@ -35,24 +35,21 @@ from ..data._sources import (
     rank_batches,
 )
 from ..model import Geneformer
-from ..model._hf_folder import MODEL_FILES
 from ._checkpoints import (
     capture_rng,
-    checkpoint_root,
-    ensure_writable,
     list_checkpoints,
     load_latest_checkpoint,
-    remove_partial,
     restore_rng,
     save_checkpoint,
 )
 from ._distributed import Distributed
+from ._history import LossInterval
 from ._optim import adamw, autocast, linear_warmup_decay, loss_scaler, seed_everything
-from ._run_lock import RunLock, lock_run_folder
+from ._run_folder import HISTORY_NAME, check_fingerprint, prepare_output_dir
+from ._run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
-HISTORY_NAME = "history.json"
 TOKEN_STORE_DIR = "token_store"
 MAX_EVAL_CELLS = 10_000
 # Tags that keep the random streams derived from one random_state apart.
@@ -96,39 +93,6 @@ def _prepare(
     return _Micro(inputs, batch.labels.to(device), batch.n_masked, int(lengths.sum()))
 
 
-def _prepare_output_dir(output_dir: Path, resume: bool) -> RunLock:
-    """Take the run folder's lock and check everything the run will write, before any work.
-
-    Everything a run writes lies inside ``output_dir`` (checkpoints, history, token store, and
-    the final model, staged inside it too), so a writable ``output_dir`` and ``checkpoints``
-    folder, and no folder where a final file goes, mean no late failure for want of a place to
-    write. The lock comes first: clearing partial checkpoints is only safe with no other
-    writer.
-    """
-    ensure_writable(output_dir)
-    lock = lock_run_folder(output_dir)
-    try:
-        ensure_writable(checkpoint_root(output_dir), "The checkpoint folder")
-        for name in (*MODEL_FILES, HISTORY_NAME):
-            if (output_dir / name).exists() and not (output_dir / name).is_file():
-                raise IsADirectoryError(
-                    f"{str(output_dir / name)!r} is a folder, but the run's final save writes a "
-                    "file there; move it away or choose another output_dir. Nothing was trained."
-                )
-        remove_partial(output_dir)
-        found = list_checkpoints(output_dir)
-        if found and not resume:
-            raise FileExistsError(
-                f"output_dir {str(output_dir)!r} holds checkpoints of an earlier run (last: step "
-                f"{found[-1][0]}). Pass resume=True to continue it, or choose another "
-                "output_dir; nothing was overwritten."
-            )
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
 def _split_cells(
     source: TokenSource, has_cls: bool, eval_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -156,49 +120,6 @@ def _split_cells(
     return train_cells, eval_cells
 
 
-# Fingerprint entries that checkpoints of older versions lack; those resume with a warning.
-_NEWER_FINGERPRINT = ("tokens_blake2b", "vocabulary_sha256", "model_config")
-_FINGERPRINT_NAMES = {
-    "tokens_blake2b": "the tokens (the same cell and token counts, but other cells, other "
-    "tokens or another order)",
-    "vocabulary_sha256": "the model's vocabulary",
-    "model_config": "the model's architecture",
-}
-
-
-def _check_fingerprint(saved: dict[str, Any], now: dict[str, Any], folder: Path) -> None:
-    """Refuse to resume a checkpoint whose run differs in data, arguments or model."""
-    missing = [k for k in _NEWER_FINGERPRINT if k not in saved]
-    if missing:
-        warnings.warn(
-            f"The checkpoint {str(folder)!r} was written by an older scgeneformer and does not "
-            f"record {', '.join(missing)}; resuming without checking them.",
-            UserWarning,
-            stacklevel=4,
-        )
-    changed = [k for k, v in now.items() if k not in missing and saved.get(k) != v]
-    if not changed:
-        return
-    described = []
-    for k in changed:
-        if k == "model_config" and isinstance(saved.get(k), dict):
-            fields = [
-                f"{f}: {saved[k].get(f)!r} then, {v!r} now"
-                for f, v in now[k].items()
-                if saved[k].get(f) != v
-            ]
-            described.append(f"{_FINGERPRINT_NAMES[k]} ({', '.join(fields)})")
-        elif k in _FINGERPRINT_NAMES:
-            described.append(_FINGERPRINT_NAMES[k])
-        else:
-            described.append(f"{k}: {saved.get(k)!r} then, {now[k]!r} now")
-    raise ValueError(
-        f"Cannot resume from {str(folder)!r}: the run differs in {'; '.join(described)}. "
-        "Resume with the model, arguments and data of the original run, or start a new run in "
-        "another output_dir."
-    )
-
-
 @dataclass(frozen=True)
 class PretrainArguments:
     """The settings of a run, resolved (defaults filled in) and checked."""
@@ -219,33 +140,6 @@ class PretrainArguments:
     progress: bool
     layer: str | None = None
     gene_key: str | None = None
-
-
-class _Interval:
-    """Loss and throughput sums between two log lines."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.ce: torch.Tensor | float = 0.0
-        self.n_masked = 0
-        self.n_tokens = 0
-        self.start = time.perf_counter()
-
-    def add(self, ce: torch.Tensor, micro: _Micro) -> None:
-        self.ce = self.ce + ce.detach()
-        self.n_masked += micro.n_masked
-        self.n_tokens += micro.n_tokens
-
-    def flush(self, ctx: Distributed) -> tuple[float, float]:
-        """Global mean loss and tokens/s since the last flush (a collective)."""
-        ce = float(self.ce) if isinstance(self.ce, float) else float(self.ce.item())
-        total = ctx.all_reduce_sum([ce, self.n_masked, self.n_tokens])
-        seconds = max(time.perf_counter() - self.start, 1e-9)
-        loss = float(total[0] / max(total[1], 1))
-        self.reset()
-        return loss, float(total[2]) / seconds
 
 
 def _evaluate(
@@ -315,7 +209,7 @@ class PretrainRun:
     def open(self, data: PaddedTokens | Any, resume: bool) -> None:
         """Check the output folder, then open the corpus (tokens or paths) and split it."""
         self.lock = self.ctx.on_main(
-            lambda: _prepare_output_dir(self.args.output_dir, resume), "checking output_dir"
+            lambda: prepare_output_dir(self.args.output_dir, resume), "checking output_dir"
         )
         self.source = open_corpus(
             data,
@@ -405,7 +299,7 @@ class PretrainRun:
                 stacklevel=3,
             )
             return False
-        _check_fingerprint(
+        check_fingerprint(
             checkpoint.info.get("fingerprint", {}), self.fingerprint, checkpoint.folder
         )
         self.model.load_state_dict(checkpoint.weights)
@@ -454,7 +348,7 @@ class PretrainRun:
         if self.ctx.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             net = DistributedDataParallel(self.model, device_ids=device_ids)
-        interval = _Interval()
+        interval = LossInterval()
         batches, batches_epoch = None, -1
         bar = progress_bar(
             total=self.total_steps,
@@ -497,7 +391,7 @@ class PretrainRun:
         batches: list[np.ndarray],
         epoch: int,
         within: int,
-        interval: _Interval,
+        interval: LossInterval,
     ) -> None:
         """One optimisation step over this process's share of the step's batches."""
         indices = rank_batches(within, self.ctx.world_size, self.args.accumulation, self.ctx.rank)
@@ -528,7 +422,7 @@ class PretrainRun:
                     logits = net(**micro.inputs, validate=False)
                 ce = F.cross_entropy(logits.float(), micro.labels, reduction="sum")
                 self.scaler.scale(ce * scale).backward()
-            interval.add(ce, micro)
+            interval.add(ce, micro.n_masked, micro.n_tokens)
         if self.args.clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_norm)
