@@ -151,6 +151,23 @@ def test_probe_reads_this_machine():
     assert hardware.has_varlen == varlen
 
 
+# torch 2.4 (the oldest supported) has no nested tensors with length hints: "nested" is refused.
+NESTED_HERE = probe_hardware("cpu").has_nested
+needs_nested = pytest.mark.skipif(
+    not NESTED_HERE, reason="this torch has no nested jagged tensors with length hints (2.5+)"
+)
+
+
+def test_nested_attention_is_refused_in_words_where_torch_lacks_it(monkeypatch):
+    monkeypatch.setattr(sgf.settings, "attention", "nested")
+    if NESTED_HERE:
+        assert execution_plan("cpu", "float32").attention == "nested"
+    else:
+        with pytest.raises(ValueError, match=r"attention='nested' cannot run here.*torch 2\.5\+"):
+            execution_plan("cpu", "float32")
+
+
+@needs_nested
 def test_execution_plan_follows_settings_and_logs_once(caplog, monkeypatch):
     monkeypatch.setattr(sgf.settings, "dtype", "bfloat16")
     monkeypatch.setattr(sgf.settings, "attention", "nested")
@@ -183,9 +200,9 @@ def cells():
     ("attention", "dtype", "packed", "tolerance"),
     [
         ("padded", "float32", True, 1e-5),  # packed cells through the padded stand-in
-        ("nested", "float32", None, 1e-5),
+        pytest.param("nested", "float32", None, 1e-5, marks=needs_nested),
         ("padded", "bfloat16", None, 3e-2),
-        ("nested", "bfloat16", None, 3e-2),
+        pytest.param("nested", "bfloat16", None, 3e-2, marks=needs_nested),
     ],
 )
 def test_every_cpu_path_gives_the_fp32_padded_embeddings(

@@ -138,7 +138,10 @@ def pack_tokens(
     >>> flat.tolist(), cu.tolist(), longest
     ([5, 6, 7, 8, 9], [0, 2, 5], 3)
     """
-    tokens = torch.as_tensor(np.asarray(tokens) if isinstance(tokens, np.ndarray) else tokens)
+    if isinstance(tokens, np.ndarray) and tokens.dtype.kind == "u":
+        # Token stores hold uint16, which older torch (2.4, tested) cannot index on the CPU.
+        tokens = tokens.astype(np.int64)
+    tokens = torch.as_tensor(tokens)
     lengths_t = torch.as_tensor(np.asarray(lengths, dtype=np.int64), device=tokens.device)
     if tokens.ndim != 2 or lengths_t.shape != (tokens.shape[0],):
         raise ValueError(
