@@ -176,3 +176,45 @@ def test_a_state_named_twice_is_refused(small, start, goal, alts):
             goal_state=goal,
             alt_states=alts,
         )
+
+
+# ---------------------------------------------------------------- item 10: default lengths fit
+def test_the_readme_path_composes_a_built_vocabulary_and_a_v1_model():
+    adata = sgf.datasets.synthetic_states(n_cells=30, n_genes=120, random_state=2)
+    vocab = sgf.Vocabulary.build(adata)  # default max_length 4096
+    model = sgf.Geneformer.from_config("V1-10M", vocab, num_hidden_layers=1)
+    assert model.vocab.max_length == 2048 and model.vocab.sha256 == vocab.sha256
+    assert vocab.max_length == 4096  # the user's object is left as it was
+    sgf.tl.embed(adata, model)
+    assert np.isfinite(adata.obsm["X_geneformer"]).all()
+
+
+def test_a_chosen_max_length_too_long_for_the_model_is_still_refused():
+    adata = sgf.datasets.synthetic_states(n_cells=30, n_genes=120, random_state=2)
+    vocab = sgf.Vocabulary.build(adata, max_length=4096)
+    with pytest.raises(ValueError, match=r"max_length=4096 was chosen.*2048 positions"):
+        sgf.Geneformer.from_config("V1-10M", vocab)
+
+
+def test_from_pretrained_refuses_a_too_long_vocabulary_before_embed_writes_tokens(small, tmp_path):
+    _, model = small
+    model.save(tmp_path / "model")
+    long = sgf.Vocabulary.load(tmp_path / "model" / "vocab.json")
+    long.max_length = 4096
+    with pytest.raises(ValueError, match=r"more than the model's 256 positions.*max_length<=256"):
+        sgf.Geneformer.from_pretrained(tmp_path / "model", vocab=long)
+    default = sgf.Vocabulary(
+        dict(zip(long.genes, long.gene_token_ids.tolist(), strict=True)),
+        dict(zip(long.genes, long.median_by_token[long.gene_token_ids].tolist(), strict=True)),
+        special_tokens=long.special_tokens,
+    )  # max_length left at its default, 2048
+    loaded = sgf.Geneformer.from_pretrained(tmp_path / "model", vocab=default)
+    assert loaded.vocab.max_length == 256
+
+
+def test_a_saved_vocabulary_remembers_whether_its_length_was_chosen(tmp_path):
+    vocab = sgf.Vocabulary({"ENSG1": 2}, {"ENSG1": 1.0})
+    vocab.save(tmp_path / "v.json")
+    assert not sgf.Vocabulary.load(tmp_path / "v.json").max_length_given
+    sgf.Vocabulary({"ENSG1": 2}, {"ENSG1": 1.0}, max_length=64).save(tmp_path / "w.json")
+    assert sgf.Vocabulary.load(tmp_path / "w.json").max_length_given
