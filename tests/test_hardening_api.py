@@ -218,3 +218,87 @@ def test_a_saved_vocabulary_remembers_whether_its_length_was_chosen(tmp_path):
     assert not sgf.Vocabulary.load(tmp_path / "v.json").max_length_given
     sgf.Vocabulary({"ENSG1": 2}, {"ENSG1": 1.0}, max_length=64).save(tmp_path / "w.json")
     assert sgf.Vocabulary.load(tmp_path / "w.json").max_length_given
+
+
+# ---------------------------------------------------------------- item 11: unclear errors
+def test_missing_n_tokens_slot_names_it_and_the_fix(small):
+    adata, model = small
+    adata = adata.copy()
+    del adata.obs["geneformer_n_tokens"]
+    with pytest.raises(KeyError, match=r"obs\['geneformer_n_tokens'\].*rank_tokenize"):
+        sgf.tl.embed(adata, model)
+
+
+def test_tokens_of_genes_dropped_from_var_warn(small):
+    adata, model = small
+    kept = adata[:, 10:].copy()
+    with pytest.warns(UserWarning, match=r"holds \d+ genes that adata.var no longer has"):
+        sgf.tl.embed(kept, model)
+
+
+def test_float16_counts_tokenize_as_float32_counts(small):
+    adata, model = small
+    half = adata.copy()
+    half.X = half.X.toarray().astype(np.float16)  # scipy has no float16 sparse type at all
+    sgf.pp.rank_tokenize(half, model.vocab)
+    np.testing.assert_array_equal(half.obsm["geneformer_tokens"], adata.obsm["geneformer_tokens"])
+
+
+class _LazyRows:
+    """What a dask array of sparse chunks gives the reader: row slices that compute."""
+
+    def __init__(self, matrix):
+        self.matrix, self.shape, self.dtype = matrix, matrix.shape, matrix.dtype
+
+    def __getitem__(self, rows):
+        block = self.matrix[rows]
+        return type("Lazy", (), {"compute": lambda _self: block, "dtype": block.dtype})()
+
+
+def test_lazily_computed_sparse_chunks_are_read_one_block_at_a_time(small):
+    from scgeneformer.pp._chunks import CountSource, iter_csr_chunks
+
+    adata, _ = small
+    chunks = list(iter_csr_chunks(CountSource(_LazyRows(adata.X), "adata.X"), 25))
+    assert [start for start, _ in chunks] == [0, 25, 50]
+    stacked = np.vstack([chunk.toarray() for _, chunk in chunks])
+    np.testing.assert_array_equal(stacked, adata.X.toarray())
+
+
+def test_a_token_id_far_beyond_any_embedding_table_is_refused():
+    with pytest.raises(ValueError, match=r"maps 'ENSG2' to 1099511627776, outside 0\.\."):
+        sgf.Vocabulary.from_geneformer(
+            {"<pad>": 0, "<mask>": 1, "ENSG1": 2, "ENSG2": 2**40}, {"ENSG1": 1.0, "ENSG2": 1.0}
+        )
+
+
+def test_a_symbol_dictionary_given_as_token_dictionary_says_so():
+    with pytest.raises(ValueError, match=r"text rather than a token id.*mapping_dict"):
+        sgf.Vocabulary.from_geneformer(
+            {"CD3E": "ENSG00000198851", "MS4A1": "ENSG00000156738"}, {"ENSG00000198851": 1.0}
+        )
+
+
+def test_max_cells_zero_is_refused(small):
+    adata, model = small
+    with pytest.raises(ValueError, match="max_cells must be a whole number of at least 1"):
+        sgf.tl.in_silico_delete(adata.copy(), model, max_cells=0)
+
+
+@pytest.mark.parametrize("tool", ["embed", "in_silico_delete"])
+def test_token_budget_zero_is_refused_before_tokenizing(small, tool):
+    adata, model = small
+    untokenized = adata.copy()
+    del untokenized.obsm["geneformer_tokens"]
+    with pytest.raises(ValueError, match="token_budget must be at least 1"):
+        getattr(sgf.tl, tool)(untokenized, model, token_budget=0)
+    assert "geneformer_tokens" not in untokenized.obsm  # nothing was tokenized first
+
+
+def test_a_dtype_the_cpu_lacks_warns_and_the_record_says_what_ran(small):
+    adata, model = small
+    adata = adata.copy()
+    with pytest.warns(UserWarning, match="dtype='float16' cannot run on CPU: running float32"):
+        sgf.tl.embed(adata, model, device="cpu", dtype="float16")
+    assert adata.uns["X_geneformer"]["dtype"] == "float32"
+    assert adata.uns["X_geneformer"]["execution_plan"]["requested_dtype"] == "float16"

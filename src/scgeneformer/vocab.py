@@ -28,8 +28,34 @@ _FORMAT_VERSION = 1
 
 PathOrDict = str | os.PathLike | Mapping[str, Any]
 DEFAULT_MAX_LENGTH = 2048
+# Token ids index the model's embedding table, one row per id up to the largest; Geneformer's
+# run to about 25,000. Far beyond that an id is a damaged or wrong file, not a vocabulary.
+MAX_TOKEN_ID = 2**24 - 1
 
 logger = logging.getLogger(__name__)
+
+
+def _check_token_ids(tokens: Mapping[str, Any]) -> None:
+    """Refuse token dictionaries whose values are text, or ids no embedding table could hold."""
+    for name, value in tokens.items():
+        if isinstance(value, str | bytes):
+            raise ValueError(
+                f"The token dictionary maps {name!r} to {value!r}, text rather than a token "
+                "id: is it a gene name or ID mapping (gene_name_id_dict_*.pkl, "
+                "ensembl_mapping_dict_*.pkl) passed as the token dictionary? Pass that as "
+                "mapping_dict, and token_dictionary_*.pkl as the token dictionary."
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            raise ValueError(
+                f"The token dictionary maps {name!r} to {value!r} ({type(value).__name__}); "
+                "token ids must be integers."
+            )
+        if not 0 <= value <= MAX_TOKEN_ID:
+            raise ValueError(
+                f"The token dictionary maps {name!r} to {value}, outside 0..{MAX_TOKEN_ID:,}: "
+                "token ids index the model's embedding table (Geneformer's go to about "
+                "25,000), so this is not a usable token dictionary. Is the file damaged?"
+            )
 
 
 def _as_dict(source: PathOrDict, what: str) -> dict[str, Any]:
@@ -99,6 +125,8 @@ class Vocabulary:
             )
         if (CLS in special) != (EOS in special):
             raise ValueError(f"special_tokens must hold both '{CLS}' and '{EOS}', or neither.")
+        _check_token_ids(gene_tokens)
+        _check_token_ids(special)
         genes = sorted(gene_tokens, key=lambda g: int(gene_tokens[g]))
         tokens = np.array([int(gene_tokens[g]) for g in genes], dtype=np.int64)
         all_ids = np.concatenate([tokens, np.array(list(special.values()), dtype=np.int64)])
@@ -213,6 +241,7 @@ class Vocabulary:
             token_dict, median_dict = fetch(token_dict), fetch(median_dict)
             mapping_dict = None if mapping_dict is None else fetch(mapping_dict)
         tokens = _as_dict(token_dict, "token dictionary")
+        _check_token_ids(tokens)
         special = {k: int(v) for k, v in tokens.items() if k.startswith("<") and k.endswith(">")}
         genes = {k: int(v) for k, v in tokens.items() if k not in special}
         non_int = [k for k, v in tokens.items() if not float(v).is_integer()]

@@ -31,6 +31,7 @@ from .._plan import ExecutionPlan, execution_plan
 from .._progress import progress_bar
 from .._settings import settings
 from .._slots import check_key_added, positions_of, token_values_to_var, var_tokens
+from ..data._batching import check_token_budget
 from ..model import Geneformer, GeneformerClassifier
 from ..train._distributed import Distributed, setup_distributed
 from ._anchor import anchor_token, anchor_variants, check_anchor_present
@@ -464,6 +465,14 @@ def _screen(
         raise ValueError("combine=True is supported for deletion only.")
     if min_cells < 1:
         raise ValueError(f"min_cells must be at least 1, got {min_cells}.")
+    if max_cells is not None and (
+        isinstance(max_cells, bool) or not isinstance(max_cells, int | np.integer) or max_cells < 1
+    ):
+        raise ValueError(
+            f"max_cells must be a whole number of at least 1, or None for every start cell; "
+            f"got {max_cells!r}."
+        )
+    check_token_budget(token_budget)
     n_exact, n_background = _check_method(mode, method, n_exact, n_background, combine)
     anchor = None
     if anchor_gene is not None:
