@@ -302,3 +302,98 @@ def test_a_dtype_the_cpu_lacks_warns_and_the_record_says_what_ran(small):
         sgf.tl.embed(adata, model, device="cpu", dtype="float16")
     assert adata.uns["X_geneformer"]["dtype"] == "float32"
     assert adata.uns["X_geneformer"]["execution_plan"]["requested_dtype"] == "float16"
+
+
+# ---------------------------------------------------------------- item 15: the command line
+@pytest.fixture(scope="module")
+def cli_files(small, tmp_path_factory):
+    adata, model = small
+    folder = tmp_path_factory.mktemp("cli")
+    model.save(folder / "model")
+    model.vocab.save(folder / "vocab.json")
+    adata.write_h5ad(folder / "cells.h5ad")
+    negative = adata.copy()
+    del negative.obsm["geneformer_tokens"]
+    negative.X = negative.X.toarray()
+    negative.X[0, 0] = -3
+    negative.write_h5ad(folder / "negative.h5ad")
+    return folder
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    from scgeneformer.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_missing_input_file_is_one_line(cli_files, capsys):
+    err = _one_line_error(
+        capsys,
+        ["embed", str(cli_files / "absent.h5ad"), "out.h5ad", "--model", str(cli_files / "model")],
+    )
+    assert "absent.h5ad" in err
+
+
+def test_cli_folder_that_is_no_model_is_one_line(cli_files, capsys, tmp_path):
+    err = _one_line_error(
+        capsys,
+        [
+            "embed",
+            str(cli_files / "cells.h5ad"),
+            str(tmp_path / "o.h5ad"),
+            "--model",
+            str(tmp_path),
+        ],
+    )
+    assert "has no config.json" in err
+
+
+def test_cli_directory_as_input_is_one_line(cli_files, capsys, tmp_path):
+    _one_line_error(
+        capsys,
+        [
+            "tokenize",
+            str(tmp_path),
+            str(tmp_path / "o.h5ad"),
+            "--vocab",
+            str(cli_files / "vocab.json"),
+        ],
+    )
+
+
+def test_cli_negative_counts_are_one_line(cli_files, capsys, tmp_path):
+    err = _one_line_error(
+        capsys,
+        [
+            "tokenize",
+            str(cli_files / "negative.h5ad"),
+            str(tmp_path / "o.h5ad"),
+            "--vocab",
+            str(cli_files / "vocab.json"),
+        ],
+    )
+    assert "negative values" in err and not (tmp_path / "o.h5ad").exists()
+
+
+def test_cli_debug_shows_the_traceback(cli_files):
+    from scgeneformer.cli import main
+
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+        main(
+            ["--debug", "embed", str(cli_files / "cells.h5ad"), "o.h5ad", "--model", str(cli_files)]
+        )
+
+
+def test_a_bug_deep_in_a_library_keeps_its_traceback(monkeypatch):
+    import argparse
+
+    from scgeneformer._cli_errors import run_reporting_errors
+
+    def crash(args):
+        return np.zeros(2).reshape(3)  # numpy's ValueError: not the user's mistake
+
+    with pytest.raises(ValueError, match="cannot reshape"):
+        run_reporting_errors(argparse.Namespace(debug=False, run=crash))
