@@ -397,3 +397,166 @@ def test_a_bug_deep_in_a_library_keeps_its_traceback(monkeypatch):
 
     with pytest.raises(ValueError, match="cannot reshape"):
         run_reporting_errors(argparse.Namespace(debug=False, run=crash))
+
+
+# ---------------------------------------------------------------- more hostile input
+def test_n_tokens_wider_than_the_token_rows_is_refused_not_misread(small):
+    adata, model = small
+    adata = adata.copy()
+    adata.obsm["geneformer_tokens"] = adata.obsm["geneformer_tokens"][:, :5]  # edited by hand
+    with pytest.raises(ValueError, match=r"obs\['geneformer_n_tokens'\] holds .* do not belong"):
+        sgf.tl.embed(adata, model)
+
+
+def test_nan_in_n_tokens_is_refused(small):
+    adata, model = small
+    adata = adata.copy()
+    adata.obs["geneformer_n_tokens"] = adata.obs["geneformer_n_tokens"].astype(float)
+    adata.obs.iloc[3, adata.obs.columns.get_loc("geneformer_n_tokens")] = np.nan
+    with pytest.raises(ValueError, match=r"holds nan for cell .*whole numbers"):
+        sgf.tl.embed(adata, model)
+
+
+def test_listed_genes_missing_from_var_warn_instead_of_silent_nan(small):
+    adata, model = small
+    raw = adata[:, 10:].copy()
+    del raw.obsm["geneformer_tokens"]  # tokenized afresh on the genes kept
+    listed = list(adata.var_names[:3])  # in the vocabulary, gone from var
+    with pytest.warns(UserWarning, match=r"3 of the 3 listed genes are not among adata\.var"):
+        sgf.tl.in_silico_delete(raw, model, genes=listed, max_cells=2, min_cells=1, n_null_genes=0)
+
+
+def test_alt_states_given_as_one_string_is_one_state(small):
+    adata, model = small
+    adata = adata.copy()
+    states = adata.obs["state"].astype(str).to_numpy()
+    states[:10] = "treated"
+    adata.obs["state"] = pd.Categorical(states)
+    with pytest.warns(UserWarning, match="pretrained encoder"):
+        sgf.tl.in_silico_delete(
+            adata,
+            model,
+            state_key="state",
+            start_state="disease",
+            goal_state="healthy",
+            alt_states="treated",
+            genes=list(model.vocab.genes[:4]),
+            max_cells=2,
+            min_cells=1,
+            n_null_genes=0,
+        )
+    assert "in_silico_delete_shift_treated" in adata.var
+    assert adata.uns["in_silico_delete"]["alt_states"] == ["treated"]
+
+
+def test_an_unused_category_as_start_state_lists_only_states_with_cells(small):
+    adata, model = small
+    adata = adata.copy()
+    adata.obs["state"] = pd.Categorical(
+        adata.obs["state"], categories=["disease", "healthy", "treated"]
+    )
+    with pytest.raises(ValueError, match=r"\['treated'\] not found.*\['disease', 'healthy'\]\."):
+        sgf.tl.in_silico_delete(
+            adata, model, state_key="state", start_state="treated", goal_state="healthy"
+        )
+
+
+def test_start_state_whose_cells_all_lack_tokens_is_named(small):
+    adata, model = small
+    adata = adata.copy()
+    disease = (adata.obs["state"] == "disease").to_numpy()
+    adata.obsm["geneformer_tokens"][disease] = 0
+    adata.obs.loc[disease, "geneformer_n_tokens"] = 0
+    with pytest.raises(ValueError, match="'disease' of obs\\['state'\\] has no cells with tokens"):
+        sgf.tl.in_silico_delete(
+            adata, model, state_key="state", start_state="disease", goal_state="healthy"
+        )
+
+
+def test_missing_state_labels_are_no_state(small):
+    adata, model = small
+    adata = adata.copy()
+    states = adata.obs["state"].astype(object).copy()
+    states.iloc[:5] = np.nan
+    adata.obs["state"] = states
+    with pytest.warns(UserWarning, match="pretrained encoder"):
+        sgf.tl.in_silico_delete(
+            adata,
+            model,
+            state_key="state",
+            start_state="disease",
+            goal_state="healthy",
+            genes=list(model.vocab.genes[:4]),
+            max_cells=2,
+            min_cells=1,
+            n_null_genes=0,
+        )
+    start = adata.uns["in_silico_delete"]["n_start_cells_total"]
+    assert start == int((states == "disease").sum())
+
+
+def test_integer_sparse_counts_with_int64_indices_tokenize_as_floats(small):
+    import scipy.sparse as sp
+
+    adata, model = small
+    ints = adata.copy()
+    matrix = sp.csr_matrix(ints.X.astype(np.int32))
+    matrix.indices = matrix.indices.astype(np.int64)
+    matrix.indptr = matrix.indptr.astype(np.int64)
+    ints.X = matrix
+    sgf.pp.rank_tokenize(ints, model.vocab)
+    np.testing.assert_array_equal(ints.obsm["geneformer_tokens"], adata.obsm["geneformer_tokens"])
+
+
+def test_duplicated_cell_names_keep_the_input_order(small):
+    adata, model = small
+    named = adata.copy()
+    sgf.tl.embed(named, model)
+    same = adata.copy()
+    same.obs_names = ["cell"] * same.n_obs
+    sgf.tl.embed(same, model)
+    np.testing.assert_array_equal(same.obsm["X_geneformer"], named.obsm["X_geneformer"])
+
+
+def test_embedding_a_view_leaves_its_parent_untouched(small):
+    adata, model = small
+    parent = adata.copy()
+    before = set(parent.obsm), set(parent.uns)
+    view = parent[:20]
+    sgf.tl.embed(view, model)
+    assert view.obsm["X_geneformer"].shape == (20, model.hidden_size)
+    assert (set(parent.obsm), set(parent.uns)) == before
+
+
+def test_a_backed_anndata_embeds(small, tmp_path):
+    import anndata as ad
+
+    adata, model = small
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    sgf.tl.embed(backed, model)
+    memory = adata.copy()
+    sgf.tl.embed(memory, model)
+    np.testing.assert_allclose(backed.obsm["X_geneformer"], memory.obsm["X_geneformer"], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("budget", "error"), [("big", TypeError), (2.5, TypeError), (-1, ValueError)]
+)
+def test_token_budget_must_be_a_whole_positive_number(small, budget, error):
+    adata, model = small
+    with pytest.raises(error, match="token_budget must be"):
+        sgf.tl.embed(adata.copy(), model, token_budget=budget)
+
+
+def test_a_whole_float_token_budget_is_accepted(small):
+    adata, model = small
+    adata = adata.copy()
+    sgf.tl.embed(adata, model, token_budget=1e4)
+    assert np.isfinite(adata.obsm["X_geneformer"]).all()
+
+
+def test_an_empty_key_added_is_refused(small):
+    adata, model = small
+    with pytest.raises(TypeError, match="key_added must be a non-empty string, got ''"):
+        sgf.tl.in_silico_delete(adata.copy(), model, key_added="")

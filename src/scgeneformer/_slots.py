@@ -83,17 +83,37 @@ def check_key_added(key_added: object, writes: Mapping[str, Iterable[str]], *, t
             )
 
 
-def read_n_tokens(adata: AnnData, key: str = TOKENS_KEY) -> np.ndarray:
-    """``obs[f"{key}_n_tokens"]`` as int64, with a message naming the slot when it is gone."""
+def read_n_tokens(adata: AnnData, key: str = TOKENS_KEY, *, width: int | None = None) -> np.ndarray:
+    """``obs[f"{key}_n_tokens"]`` as int64, checked against the token rows' ``width``.
+
+    A missing column, values that are no counts (NaN, negative, fractional) or counts wider
+    than the token rows mean the slots were edited or come from different tokenizations;
+    each is refused with the slot named, before any cell is read past its row.
+    """
     slot = n_tokens_slot(key)
+    redo = (
+        "Re-run sgf.pp.rank_tokenize(adata, model.vocab), or delete "
+        f"adata.obsm[{tokens_slot(key)!r}] and let the tool tokenize."
+    )
     if slot not in adata.obs.columns:
         raise KeyError(
             f"adata.obsm[{tokens_slot(key)!r}] is there but adata.obs[{slot!r}] (tokens per "
-            "cell) is missing: the tokenization is incomplete. Re-run "
-            "sgf.pp.rank_tokenize(adata, model.vocab), or delete "
-            f"adata.obsm[{tokens_slot(key)!r}] and let the tool tokenize."
+            f"cell) is missing: the tokenization is incomplete. {redo}"
         )
-    return adata.obs[slot].to_numpy().astype(np.int64)
+    values = pd.to_numeric(adata.obs[slot], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values != np.round(values))
+    if width is not None:
+        bad |= values > width
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        cell, value = adata.obs_names[first], adata.obs[slot].iloc[first]
+        raise ValueError(
+            f"adata.obs[{slot!r}] holds {value} "
+            f"for cell {cell!r}: tokens per cell must be whole numbers from 0 to the width of "
+            f"adata.obsm[{tokens_slot(key)!r}] ({width}). The two slots do not belong "
+            f"together. {redo}"
+        )
+    return values.astype(np.int64)
 
 
 def warn_if_tokens_outside_var(

@@ -25,8 +25,9 @@ def check_token_budget(token_budget: object) -> int:
     4096
     """
     budget = settings.token_budget if token_budget is None else token_budget
-    if isinstance(budget, bool) or not isinstance(budget, int | np.integer):
-        raise TypeError(f"token_budget must be an integer, got {budget!r}.")
+    whole = isinstance(budget, float | np.floating) and float(budget).is_integer()  # 1e5
+    if isinstance(budget, bool) or not (isinstance(budget, int | np.integer) or whole):
+        raise TypeError(f"token_budget must be a whole number of tokens, got {budget!r}.")
     if budget < 1:
         raise ValueError(
             f"token_budget must be at least 1 token per batch, got {budget}; leave it out to "

@@ -175,6 +175,20 @@ def _listed_tokens(model: Geneformer, genes: str | Sequence[str]) -> np.ndarray 
     return np.unique(found)
 
 
+def _warn_if_listed_outside_var(model: Geneformer, listed: np.ndarray, var_token: np.ndarray):
+    """Warn about listed genes the vocabulary knows but ``adata.var`` lacks: no cell has them."""
+    absent = listed[~np.isin(listed, var_token)]
+    if len(absent):
+        names = [str(g) for g in model.vocab.gene_by_token[absent[:5]]]
+        warnings.warn(
+            f"{len(absent)} of the {len(listed)} listed genes are not among adata.var's genes "
+            f"(e.g. {names}); no cell expresses them, so they get no result. Check the gene "
+            "list against adata.var_names (or the gene_key column the cells were tokenized by).",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def _deleted(row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One variant per position, that token removed (later tokens shift down by one)."""
     cols = torch.arange(row.numel() - 1, device=row.device)
@@ -500,6 +514,8 @@ def _screen(
     ctx = setup_distributed(settings.resolve_device(device))
     plan = execution_plan(ctx.device, dtype)
     tokens, n_tokens = cell_tokens(target, model)
+    if listed is not None:
+        _warn_if_listed_outside_var(model, listed, var_tokens(target))
     budget = token_budget or settings.token_budget
     if state_key is None:
         start = np.flatnonzero(n_tokens > 0)

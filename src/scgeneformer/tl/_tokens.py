@@ -33,7 +33,7 @@ def cell_tokens(
         )
     model.check_tokens_vocabulary(info["vocabulary_sha256"], info.get("vocabulary_name"))
     tokens = np.asarray(adata.obsm[tokens_slot(key)])
-    n_tokens = read_n_tokens(adata, key)
+    n_tokens = read_n_tokens(adata, key, width=tokens.shape[1] if tokens.ndim == 2 else None)
     warn_if_tokens_outside_var(adata, tokens, model.vocab.special_tokens.values(), key)
     if n_tokens.max(initial=0) > model.max_length:
         raise ValueError(
