@@ -157,24 +157,34 @@ def test_unknown_state_on_an_int_column_lists_the_states_present_consistently(sm
         sgf.tl.in_silico_delete(coded, model, state_key="code", start_state=2, goal_state=0)
 
 
-@pytest.mark.parametrize(
-    ("start", "goal", "alts"),
-    [
-        ("disease", "disease", ()),
-        ("disease", "healthy", ("healthy",)),
-        ("disease", "healthy", ("disease",)),
-    ],
-)
-def test_a_state_named_twice_is_refused(small, start, goal, alts):
+@pytest.mark.parametrize("alts", [("healthy",), ("disease",), ("treated", "treated")])
+def test_an_alt_state_named_twice_is_refused(small, alts):
     adata, model = small
-    with pytest.raises(ValueError, match="must all be different states"):
+    with pytest.raises(ValueError, match="must be states other than start_state"):
         sgf.tl.in_silico_delete(
             adata.copy(),
             model,
             state_key="state",
-            start_state=start,
-            goal_state=goal,
+            start_state="disease",
+            goal_state="healthy",
             alt_states=alts,
+        )
+
+
+def test_start_equal_to_goal_is_said_to_be_a_null_screen(small):
+    # Not refused: perturbation_stats(mode="vs_null") compares a screen with exactly this.
+    adata, model = small
+    with pytest.warns(UserWarning, match=r"both 'healthy'.*null screen"):
+        sgf.tl.in_silico_delete(
+            adata.copy(),
+            model,
+            state_key="state",
+            start_state="healthy",
+            goal_state="healthy",
+            genes=list(model.vocab.genes[:4]),
+            max_cells=2,
+            min_cells=1,
+            n_null_genes=0,
         )
 
 

@@ -140,12 +140,23 @@ def _check_states(adata: AnnData, state_key: str | None, states: Sequence[str]) 
             f"state_key={state_key!r} is not a column of adata.obs; the columns are "
             f"{list(adata.obs.columns)}."
         )
-    if len(set(states)) < len(states):
-        start, goal, *alts = states
+    start, goal, *alts = states
+    if len(set(alts)) < len(alts) or set(alts) & {start, goal}:
         raise ValueError(
-            f"start_state={start!r}, goal_state={goal!r} and alt_states={alts} must all be "
-            "different states: a screen toward the state the cells are already in, or the "
-            "same state twice, measures nothing."
+            f"alt_states={alts} must be states other than start_state={start!r} and "
+            f"goal_state={goal!r}, each named once: a shift toward a state already scored, or "
+            "toward the cells' own state, says nothing new."
+        )
+    if start == goal:
+        # Not refused: the same deletions in goal cells are the null screen that
+        # perturbation_stats(mode="vs_null") compares a screen with.
+        warnings.warn(
+            f"start_state and goal_state are both {start!r}: the cells already are in the goal "
+            "state, so each shift measures how far a deletion moves them out of it. That is a "
+            'null screen (for sgf.tl.perturbation_stats(mode="vs_null")), not a screen toward '
+            "a goal; pass another goal_state for that.",
+            UserWarning,
+            stacklevel=4,
         )
     present = set(_state_labels(adata, state_key))
     unknown = [s for s in states if s not in present]
