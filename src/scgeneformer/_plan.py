@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -395,6 +396,18 @@ def probe_hardware(device: str | torch.device) -> Hardware:
 _logged: set[tuple[Any, ...]] = set()
 
 
+def warn_if_dtype_replaced(plan: ExecutionPlan) -> None:
+    """Warn when a dtype asked for by name is not the one that runs (the plan records both)."""
+    if plan.requested_dtype not in ("auto", plan.dtype_name):
+        warnings.warn(
+            f"dtype={plan.requested_dtype!r} cannot run on {plan.device_name}: running "
+            f"{plan.dtype_name} instead ({'; '.join(plan.notes)}). The results record "
+            f"dtype={plan.dtype_name!r}.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def execution_plan(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -427,6 +440,8 @@ def execution_plan(
         compile=settings.compile,
         attention_backend=settings.attention_backend,
     )
+    if log:
+        warn_if_dtype_replaced(plan)
     key = (str(plan.device), plan.attention, plan.dtype, plan.training, plan.compile, plan.notes)
     if log and key not in _logged:
         _logged.add(key)

@@ -91,11 +91,13 @@ class Settings:
         """Give the compute dtype that runs on ``device`` for ``dtype`` (or the setting).
 
         The execution plan decides (:func:`scgeneformer._plan.choose_plan`), so a dtype the
-        device lacks comes back replaced.
+        device lacks comes back replaced, with a warning.
         """
-        from ._plan import execution_plan
+        from ._plan import execution_plan, warn_if_dtype_replaced
 
-        return execution_plan(device, dtype, log=False).dtype
+        plan = execution_plan(device, dtype, log=False)
+        warn_if_dtype_replaced(plan)
+        return plan.dtype
 
 
 def _apply_verbosity(value: object) -> None:

@@ -9,6 +9,7 @@ per-token results onto ``var`` rows with :func:`token_values_to_var` and
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -80,6 +81,69 @@ def check_key_added(key_added: object, writes: Mapping[str, Iterable[str]], *, t
                 f"[{owned[attribute]!r}], which holds the tokenization that "
                 "sgf.pp.rank_tokenize wrote and the tools read. Choose another key_added."
             )
+
+
+def read_n_tokens(adata: AnnData, key: str = TOKENS_KEY, *, width: int | None = None) -> np.ndarray:
+    """``obs[f"{key}_n_tokens"]`` as int64, checked against the token rows' ``width``.
+
+    A missing column, values that are no counts (NaN, negative, fractional) or counts wider
+    than the token rows mean the slots were edited or come from different tokenizations;
+    each is refused with the slot named, before any cell is read past its row.
+    """
+    slot = n_tokens_slot(key)
+    redo = (
+        "Re-run sgf.pp.rank_tokenize(adata, model.vocab), or delete "
+        f"adata.obsm[{tokens_slot(key)!r}] and let the tool tokenize."
+    )
+    if slot not in adata.obs.columns:
+        raise KeyError(
+            f"adata.obsm[{tokens_slot(key)!r}] is there but adata.obs[{slot!r}] (tokens per "
+            f"cell) is missing: the tokenization is incomplete. {redo}"
+        )
+    values = pd.to_numeric(adata.obs[slot], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values != np.round(values))
+    if width is not None:
+        bad |= values > width
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        cell, value = adata.obs_names[first], adata.obs[slot].iloc[first]
+        raise ValueError(
+            f"adata.obs[{slot!r}] holds {value} "
+            f"for cell {cell!r}: tokens per cell must be whole numbers from 0 to the width of "
+            f"adata.obsm[{tokens_slot(key)!r}] ({width}). The two slots do not belong "
+            f"together. {redo}"
+        )
+    return values.astype(np.int64)
+
+
+def warn_if_tokens_outside_var(
+    adata: AnnData, tokens: np.ndarray, special: Iterable[int], key: str = TOKENS_KEY
+) -> None:
+    """Warn when the token rows hold genes that ``var`` no longer has.
+
+    After ``adata = adata[:, kept_genes]`` the token rows still rank the dropped genes: the
+    tools would embed cells with genes the user removed, and no per-gene result could name
+    them.
+    """
+    slot = var_token_slot(key)
+    if slot not in adata.var.columns or tokens.size == 0:
+        return
+    in_var = var_tokens(adata, key)
+    size = int(max(tokens.max(), in_var.max(initial=0), *special)) + 1
+    used = np.zeros(size, dtype=bool)
+    used[tokens.ravel()] = True
+    used[list(special)] = False
+    used[in_var[in_var >= 0]] = False
+    outside = np.flatnonzero(used)
+    if len(outside):
+        warnings.warn(
+            f"adata.obsm[{tokens_slot(key)!r}] holds {len(outside):,} genes that adata.var no "
+            f"longer has (token ids e.g. {outside[:3].tolist()}); they were tokenized before "
+            "genes were dropped and are still used. Re-run sgf.pp.rank_tokenize(adata, "
+            "model.vocab) to rank the cells on the genes kept.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def var_tokens(adata: AnnData, key: str = TOKENS_KEY) -> np.ndarray:

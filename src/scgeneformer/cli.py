@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._cli_errors import add_debug_flag, run_reporting_errors
 from ._cli_finetune import add_finetune_command
 from .analysis_cli import add_analysis_commands
 from .env_cli import add_env_command
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     'demo_out'
     """
     parser = argparse.ArgumentParser(prog="scgeneformer", description="Geneformer on AnnData.")
+    add_debug_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo_command(commands)
     _add_tokenize_command(commands)
@@ -173,13 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scgeneformer`` command.
 
+    An ordinary mistake (a missing file, an unknown state, ...) prints one line,
+    ``error: ...``, to stderr and returns 2; ``scgeneformer --debug COMMAND`` shows the
+    traceback instead.
+
     Examples
     --------
     >>> main(["demo", "--output", "demo_out"])  # doctest: +SKIP
     0
     """
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    return run_reporting_errors(args)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._cli_errors import add_debug_flag, run_reporting_errors
+
 _TOP_KEYS = {"data", "output_dir", "model", "training", "n_jobs"}
 _MODEL_KEYS = {
     "preset",
@@ -232,8 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_debug_flag(parser)
     args = _add_arguments(parser).parse_args(argv)
-    return int(args.run(args))
+    return run_reporting_errors(args)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
@@ -25,6 +27,35 @@ _FORMAT = "scgeneformer-vocabulary"
 _FORMAT_VERSION = 1
 
 PathOrDict = str | os.PathLike | Mapping[str, Any]
+DEFAULT_MAX_LENGTH = 2048
+# Token ids index the model's embedding table, one row per id up to the largest; Geneformer's
+# run to about 25,000. Far beyond that an id is a damaged or wrong file, not a vocabulary.
+MAX_TOKEN_ID = 2**24 - 1
+
+logger = logging.getLogger(__name__)
+
+
+def _check_token_ids(tokens: Mapping[str, Any]) -> None:
+    """Refuse token dictionaries whose values are text, or ids no embedding table could hold."""
+    for name, value in tokens.items():
+        if isinstance(value, str | bytes):
+            raise ValueError(
+                f"The token dictionary maps {name!r} to {value!r}, text rather than a token "
+                "id: is it a gene name or ID mapping (gene_name_id_dict_*.pkl, "
+                "ensembl_mapping_dict_*.pkl) passed as the token dictionary? Pass that as "
+                "mapping_dict, and token_dictionary_*.pkl as the token dictionary."
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            raise ValueError(
+                f"The token dictionary maps {name!r} to {value!r} ({type(value).__name__}); "
+                "token ids must be integers."
+            )
+        if not 0 <= value <= MAX_TOKEN_ID:
+            raise ValueError(
+                f"The token dictionary maps {name!r} to {value}, outside 0..{MAX_TOKEN_ID:,}: "
+                "token ids index the model's embedding table (Geneformer's go to about "
+                "25,000), so this is not a usable token dictionary. Is the file damaged?"
+            )
 
 
 def _as_dict(source: PathOrDict, what: str) -> dict[str, Any]:
@@ -58,7 +89,16 @@ class Vocabulary:
     name
         A short human-readable name.
     max_length
-        Tokens per cell, special tokens included (the model's input size).
+        Tokens per cell, special tokens included (the model's input size). Left out, it is
+        2,048 and a model with fewer positions fits it to its own (see
+        :attr:`max_length_given`).
+
+    Attributes
+    ----------
+    max_length_given
+        Whether ``max_length`` was chosen by the user (or recorded in a saved file) rather
+        than left at its default. A model refuses a vocabulary whose chosen ``max_length``
+        exceeds its positions; a default one it fits to them, with a log note.
 
     Examples
     --------
@@ -76,7 +116,7 @@ class Vocabulary:
         special_tokens: Mapping[str, int] | None = None,
         mapping: Mapping[str, str] | None = None,
         name: str = "custom",
-        max_length: int = 2048,
+        max_length: int | None = None,
     ) -> None:
         special = dict(V1_SPECIAL_TOKENS if special_tokens is None else special_tokens)
         if special.get(PAD) != 0 or MASK not in special:
@@ -85,6 +125,8 @@ class Vocabulary:
             )
         if (CLS in special) != (EOS in special):
             raise ValueError(f"special_tokens must hold both '{CLS}' and '{EOS}', or neither.")
+        _check_token_ids(gene_tokens)
+        _check_token_ids(special)
         genes = sorted(gene_tokens, key=lambda g: int(gene_tokens[g]))
         tokens = np.array([int(gene_tokens[g]) for g in genes], dtype=np.int64)
         all_ids = np.concatenate([tokens, np.array(list(special.values()), dtype=np.int64)])
@@ -102,6 +144,8 @@ class Vocabulary:
             examples = [genes[i] for i in np.flatnonzero(bad)[:3]]
             raise ValueError(f"Gene medians must be positive and finite; not so for {examples}.")
         min_length = 3 if CLS in special else 1
+        self.max_length_given = max_length is not None
+        max_length = DEFAULT_MAX_LENGTH if max_length is None else max_length
         if int(max_length) < min_length:
             raise ValueError(f"max_length must be at least {min_length}, got {max_length}.")
 
@@ -197,6 +241,7 @@ class Vocabulary:
             token_dict, median_dict = fetch(token_dict), fetch(median_dict)
             mapping_dict = None if mapping_dict is None else fetch(mapping_dict)
         tokens = _as_dict(token_dict, "token dictionary")
+        _check_token_ids(tokens)
         special = {k: int(v) for k, v in tokens.items() if k.startswith("<") and k.endswith(">")}
         genes = {k: int(v) for k, v in tokens.items() if k not in special}
         non_int = [k for k, v in tokens.items() if not float(v).is_integer()]
@@ -220,7 +265,7 @@ class Vocabulary:
                     mapping.setdefault(normalize_gene_id(key), str(value))
         is_v2 = CLS in special
         default_name = "geneformer-v2" if is_v2 else "geneformer-v1"
-        return cls(
+        vocab = cls(
             genes,
             medians,
             special_tokens=special,
@@ -228,6 +273,8 @@ class Vocabulary:
             name=name or default_name,
             max_length=max_length or (4096 if is_v2 else 2048),
         )
+        vocab.max_length_given = max_length is not None
+        return vocab
 
     @classmethod
     def build(
@@ -240,7 +287,7 @@ class Vocabulary:
         min_cells: int = 1,
         special_tokens: Mapping[str, int] | None = None,
         name: str = "custom",
-        max_length: int = 4096,
+        max_length: int | None = None,
         chunk_size: int = 10_000,
         tmp_dir: str | os.PathLike | None = None,
     ) -> Vocabulary:
@@ -267,8 +314,12 @@ class Vocabulary:
             Keep genes expressed in at least this many cells.
         special_tokens
             Defaults to the V2 set (``<pad>``, ``<mask>``, ``<cls>``, ``<eos>``).
-        name, max_length
+        name
             See :class:`Vocabulary`.
+        max_length
+            Tokens per cell; default 4,096 (Geneformer V2's input size), which a model with
+            fewer positions (V1-10M: 2,048) fits to its own with a log note. A value given
+            here is kept, and a model too small for it refuses the vocabulary.
         chunk_size
             Cells read at a time.
         tmp_dir
@@ -299,14 +350,16 @@ class Vocabulary:
         )
         first = max(special.values()) + 1
         gene_tokens = {g: first + i for i, g in enumerate(genes)}
-        return cls(
+        vocab = cls(
             gene_tokens,
             dict(zip(genes, medians, strict=True)),
             special_tokens=special,
             mapping=mapping,
             name=name,
-            max_length=max_length,
+            max_length=4096 if max_length is None else max_length,
         )
+        vocab.max_length_given = max_length is not None
+        return vocab
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
@@ -322,6 +375,7 @@ class Vocabulary:
             "format_version": _FORMAT_VERSION,
             "name": self.name,
             "max_length": self.max_length,
+            "max_length_given": self.max_length_given,
             "sha256": self.sha256,
             **self._identity_payload(),
             "mapping": self._mapping,
@@ -360,12 +414,56 @@ class Vocabulary:
             name=payload["name"],
             max_length=payload["max_length"],
         )
+        # Files written before the flag existed: their length counts as chosen.
+        vocab.max_length_given = bool(payload.get("max_length_given", True))
         if vocab.sha256 != payload.get("sha256"):
             raise ValueError(
                 f"Vocabulary file {str(path)!r} does not match its recorded sha256; "
                 "it was altered or damaged."
             )
         return vocab
+
+    def fitted_to(self, positions: int, *, fix: str) -> Vocabulary:
+        """Return this vocabulary, or a copy with ``max_length`` cut to a model's ``positions``.
+
+        A vocabulary longer than the model's position table is cut only when its
+        ``max_length`` is a default (:attr:`max_length_given` False), with a log note; a
+        chosen one is refused. The copy has the same sha256: tokens made with either are
+        the same tokens, only truncated sooner.
+
+        Parameters
+        ----------
+        positions
+            The model's ``max_position_embeddings``.
+        fix
+            What the user can do instead, for the refusal.
+
+        Examples
+        --------
+        >>> vocab = Vocabulary({"ENSG1": 2}, {"ENSG1": 1.0})
+        >>> vocab.max_length, vocab.fitted_to(256, fix="").max_length
+        (2048, 256)
+        """
+        if self.max_length <= positions:
+            return self
+        if self.max_length_given:
+            raise ValueError(
+                f"The vocabulary {self.name!r} tokenizes cells to {self.max_length} tokens "
+                f"(max_length={self.max_length} was chosen), more than the model's "
+                f"{positions} positions. {fix}"
+            )
+        fitted = copy.copy(self)
+        fitted.max_length = int(positions)
+        logger.info(
+            "The vocabulary %r tokenizes to %d tokens by default; the model has %d positions, "
+            "so its copy of the vocabulary (model.vocab) tokenizes to %d. Tokenize with "
+            "model.vocab (the tools do when the tokens are absent).",
+            self.name,
+            self.max_length,
+            positions,
+            positions,
+        )
+        return fitted
 
     def _identity_payload(self) -> dict[str, Any]:
         return {
@@ -495,7 +593,7 @@ class Vocabulary:
 
         Examples
         --------
-        >>> vocab = sgf.Vocabulary({"ENSG1": 2}, {"ENSG1": 1.0})
+        >>> vocab = Vocabulary({"ENSG1": 2}, {"ENSG1": 1.0})
         >>> vocab.tokens_for(["ensg1", "ENSG9"]).tolist()
         [2, -1]
         """

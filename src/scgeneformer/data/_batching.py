@@ -14,6 +14,28 @@ from .._settings import settings
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
+def check_token_budget(token_budget: object) -> int:
+    """Return the token budget to use (the setting when None); refuse one below 1 or no integer.
+
+    Tools call this before tokenizing, so a bad budget costs nothing.
+
+    Examples
+    --------
+    >>> check_token_budget(4096)
+    4096
+    """
+    budget = settings.token_budget if token_budget is None else token_budget
+    whole = isinstance(budget, float | np.floating) and float(budget).is_integer()  # 1e5
+    if isinstance(budget, bool) or not (isinstance(budget, int | np.integer) or whole):
+        raise TypeError(f"token_budget must be a whole number of tokens, got {budget!r}.")
+    if budget < 1:
+        raise ValueError(
+            f"token_budget must be at least 1 token per batch, got {budget}; leave it out to "
+            f"use sgf.settings.token_budget ({settings.token_budget:,})."
+        )
+    return int(budget)
+
+
 def token_budget_batches(
     lengths: Sequence[int] | np.ndarray,
     token_budget: int | None = None,

@@ -152,13 +152,11 @@ class Geneformer(nn.Module):
         config = base.replace(**{**overrides, "vocab_size": len(vocab)})
         if name is not None and config.replace(vocab_size=base.vocab_size) != base:
             name = None  # no longer the preset's architecture
-        if vocab.max_length > config.max_position_embeddings:
-            raise ValueError(
-                f"The vocabulary {vocab.name!r} tokenizes cells to {vocab.max_length} tokens, "
-                f"more than the model's {config.max_position_embeddings} positions. Build the "
-                f"vocabulary with max_length<={config.max_position_embeddings} or pass "
-                f"max_position_embeddings={vocab.max_length}."
-            )
+        vocab = vocab.fitted_to(
+            config.max_position_embeddings,
+            fix=f"Build the vocabulary with max_length<={config.max_position_embeddings} or "
+            f"pass max_position_embeddings={vocab.max_length}.",
+        )
         with torch.device("meta"):
             model = cls(config, vocab, preset=name)
         model.to_empty(device="cpu")
@@ -255,6 +253,12 @@ class Geneformer(nn.Module):
                 f"vocabulary {vocab.name!r} has {len(vocab):,}: it is not the vocabulary the "
                 "model was trained with."
             )
+        # Refused or fitted here, before any tool writes tokens the model cannot read.
+        vocab = vocab.fitted_to(
+            config.max_position_embeddings,
+            fix=f"Pass a vocabulary with max_length<={config.max_position_embeddings} "
+            f"(vocab.max_length = {config.max_position_embeddings}).",
+        )
         recorded = metadata.get("vocabulary_sha256")
         if recorded is not None and recorded != vocab.sha256:
             raise ValueError(

@@ -45,6 +45,8 @@ def iter_csr_chunks(source: CountSource, chunk_size: int) -> Iterator[tuple[int,
     """
     matrix = source.matrix
     if isinstance(matrix, sp.csr_matrix | sp.csr_array) and matrix.has_canonical_format:
+        if matrix.dtype == np.float16:  # scipy has no float16 sparse arithmetic
+            matrix = _upcast_half(matrix)
         # Row slices of an in-memory CSR are views of its arrays: no copy, no validation.
         for start in range(0, source.n_rows, chunk_size):
             stop = min(start + chunk_size, source.n_rows)
@@ -58,12 +60,25 @@ def iter_csr_chunks(source: CountSource, chunk_size: int) -> Iterator[tuple[int,
     for start in range(0, source.n_rows, chunk_size):
         stop = min(start + chunk_size, source.n_rows)
         block = matrix[start:stop]
+        if hasattr(block, "compute"):  # dask: one row block computed at a time, as anndata does
+            block = block.compute()
+        block = _upcast_half(block)
         if sp.issparse(block):
             chunk = sp.csr_matrix(block)
         else:
             chunk = sp.csr_matrix(np.asarray(block))
         chunk.sum_duplicates()
         yield start, chunk
+
+
+def _upcast_half(block):
+    """float16 counts as float32: scipy's sparse types and the kernels do not take float16.
+
+    Every integer float16 holds is exact in float32, so no count changes.
+    """
+    if getattr(block, "dtype", None) == np.float16:
+        return block.astype(np.float32)
+    return block
 
 
 def shared_columns(column_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ from .._docs import (
 )
 from .._plan import execution_plan
 from .._slots import check_key_added, n_tokens_slot, table_to_var, var_tokens
+from ..data._batching import check_token_budget
 from ..model import Geneformer, GeneformerClassifier
 from ._inference import check_pooling, encode_cells, hidden_layer_index
 from ._model_arg import encoder_of
@@ -103,6 +104,7 @@ def embed(
     )
     hidden_layer_index(model, emb_layer)
     check_pooling(model, pooling)
+    check_token_budget(token_budget)
     target = adata.copy() if copy else adata
     plan = execution_plan(device, dtype)
     tokens, n_tokens = cell_tokens(target, model)

@@ -18,6 +18,7 @@ from anndata import AnnData
 from .._deprecation import renamed_keywords
 from .._settings import settings
 from .._slots import check_key_added
+from ..data._batching import check_token_budget
 from ..model import Geneformer
 from ..model._classifier import GeneformerClassifier, check_freeze_layers
 from ..train._finetune_loop import TRAIN_BUDGET_SHARE, FitOptions
@@ -309,6 +310,7 @@ def finetune(
         val_size=val_size,
         warmup_fraction=warmup_fraction,
     )
+    check_token_budget(token_budget)
     key = key_added or label_key
     if key_added is not None or isinstance(key, str):  # a bad label_key gets its own error
         check_key_added(key, prediction_slots(key, f"{key}_finetune"), tool="tl.finetune")

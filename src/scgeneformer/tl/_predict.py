@@ -15,7 +15,7 @@ from .._plan import execution_plan
 from .._progress import progress_bar
 from .._settings import settings
 from .._slots import check_key_added, positions_of, table_to_var, var_tokens
-from ..data._batching import restore_order, token_budget_batches
+from ..data._batching import check_token_budget, restore_order, token_budget_batches
 from ..model._classifier import GeneformerClassifier
 from ..train._finetune_loop import classifier_logits
 from ..train._optim import resolve_device_dtype
@@ -178,6 +178,7 @@ def predict(
         raise TypeError(f"clf must be a GeneformerClassifier, got {type(clf).__name__}.")
     key = key_added or clf.label_key or DEFAULT_PREDICT_KEY
     check_key_added(key, prediction_slots(key, f"{key}_predict"), tool="tl.predict")
+    check_token_budget(token_budget)
     device_, dtype_ = resolve_device_dtype(device, dtype)
     tokens, n_tokens = cell_tokens(adata, clf.encoder)
     empty = int((n_tokens == 0).sum())

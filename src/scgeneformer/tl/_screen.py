@@ -7,6 +7,7 @@ work; states are compared in one text form everywhere (:func:`state_label`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 from anndata import AnnData
 
 from .._slots import check_key_added
+from ..data._batching import check_token_budget
 from ..model import Geneformer, GeneformerClassifier
 from ._anchor import anchor_token
 from ._inference import check_pooling, hidden_layer_index
@@ -106,6 +108,8 @@ def check_request(
     alternative: str,
     n_null_genes: int,
     key_added: str,
+    max_cells: int | None,
+    token_budget: int | None,
     **rest,
 ) -> ScreenRequest:
     """Check a screen's arguments against ``adata`` and ``model``; nothing is changed.
@@ -128,6 +132,14 @@ def check_request(
         raise ValueError("combine=True is supported for deletion only.")
     if min_cells < 1:
         raise ValueError(f"min_cells must be at least 1, got {min_cells}.")
+    if max_cells is not None and (
+        isinstance(max_cells, bool) or not isinstance(max_cells, int | np.integer) or max_cells < 1
+    ):
+        raise ValueError(
+            f"max_cells must be a whole number of at least 1, or None for every start cell; "
+            f"got {max_cells!r}."
+        )
+    check_token_budget(token_budget)
     n_exact, n_background = _check_method(mode, method, n_exact, n_background, combine)
     anchor = None
     if anchor_gene is not None:
@@ -170,6 +182,8 @@ def check_request(
         alternative=alternative,
         n_null_genes=int(n_null_genes),
         key_added=key_added,
+        max_cells=max_cells,
+        token_budget=token_budget,
         **rest,
     )
 
@@ -245,12 +259,23 @@ def _check_states(adata: AnnData, state_key: str | None, states: Sequence[str]) 
             f"state_key={state_key!r} is not a column of adata.obs; the columns are "
             f"{list(adata.obs.columns)}."
         )
-    if len(set(states)) < len(states):
-        start, goal, *alts = states
+    start, goal, *alts = states
+    if len(set(alts)) < len(alts) or set(alts) & {start, goal}:
         raise ValueError(
-            f"start_state={start!r}, goal_state={goal!r} and alt_states={alts} must all be "
-            "different states: a screen toward the state the cells are already in, or the "
-            "same state twice, measures nothing."
+            f"alt_states={alts} must be states other than start_state={start!r} and "
+            f"goal_state={goal!r}, each named once: a shift toward a state already scored, or "
+            "toward the cells' own state, says nothing new."
+        )
+    if start == goal:
+        # Not refused: the same deletions in goal cells are the null screen that
+        # perturbation_stats(mode="vs_null") compares a screen with.
+        warnings.warn(
+            f"start_state and goal_state are both {start!r}: the cells already are in the goal "
+            "state, so each shift measures how far a deletion moves them out of it. That is a "
+            'null screen (for sgf.tl.perturbation_stats(mode="vs_null")), not a screen toward '
+            "a goal; pass another goal_state for that.",
+            UserWarning,
+            stacklevel=6,  # the public tool (through check_request and screen)
         )
     present = set(state_labels(adata, state_key))
     unknown = [s for s in states if s not in present]
@@ -278,6 +303,20 @@ def _listed_tokens(model: Geneformer, genes: str | Sequence[str]) -> np.ndarray 
             "mapping knows."
         )
     return np.unique(found)
+
+
+def warn_if_listed_outside_var(model: Geneformer, listed: np.ndarray, var_token: np.ndarray):
+    """Warn about listed genes the vocabulary knows but ``adata.var`` lacks: no cell has them."""
+    absent = listed[~np.isin(listed, var_token)]
+    if len(absent):
+        names = [str(g) for g in model.vocab.gene_by_token[absent[:5]]]
+        warnings.warn(
+            f"{len(absent)} of the {len(listed)} listed genes are not among adata.var's genes "
+            f"(e.g. {names}); no cell expresses them, so they get no result. Check the gene "
+            "list against adata.var_names (or the gene_key column the cells were tokenized by).",
+            UserWarning,
+            stacklevel=4,  # the public tool (through screen and its process-group wrapper)
+        )
 
 
 def in_state(adata: AnnData, state_key: str | None, state: str | None) -> np.ndarray:

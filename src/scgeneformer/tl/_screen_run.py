@@ -32,7 +32,13 @@ from ._downstream import write_gene_shifts
 from ._inference import encode_cells
 from ._model_arg import encoder_of
 from ._perturb_stats import GeneStats, gene_statistics, null_description
-from ._screen import ScreenRequest, check_request, in_state, state_cells
+from ._screen import (
+    ScreenRequest,
+    check_request,
+    in_state,
+    state_cells,
+    warn_if_listed_outside_var,
+)
 from ._tokens import cell_tokens
 from ._variants import Screen, run_screen
 
@@ -81,6 +87,8 @@ def screen(adata: AnnData, model: Geneformer | GeneformerClassifier, **arguments
     ctx = setup_distributed(settings.resolve_device(request.device))
     plan = execution_plan(ctx.device, request.dtype)
     tokens, n_tokens = cell_tokens(target, model)
+    if request.listed is not None:
+        warn_if_listed_outside_var(model, request.listed, var_tokens(target))
     budget = request.token_budget or settings.token_budget
     start, n_start_total = _start_cells(target, request, n_tokens)
     n_anchor_cells = 0

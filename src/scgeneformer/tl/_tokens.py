@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 from anndata import AnnData
 
-from .._slots import TOKENS_KEY, n_tokens_slot, tokens_slot
+from .._slots import (
+    TOKENS_KEY,
+    n_tokens_slot,
+    read_n_tokens,
+    tokens_slot,
+    warn_if_tokens_outside_var,
+)
 from ..model import Geneformer
 from ..pp import rank_tokenize
 
@@ -43,13 +49,15 @@ def cell_tokens(
         )
     model.check_tokens_vocabulary(info["vocabulary_sha256"], info.get("vocabulary_name"))
     tokens = np.asarray(adata.obsm[tokens_slot(key)])
-    n_tokens = adata.obs[n_tokens_slot(key)].to_numpy().astype(np.int64)
+    n_tokens = read_n_tokens(adata, key, width=tokens.shape[1] if tokens.ndim == 2 else None)
     if n_tokens.max(initial=0) > model.max_length:
         raise ValueError(
             f"Cells hold up to {n_tokens.max()} tokens, more than the model's "
             f"{model.max_length} positions; re-tokenize with max_length={model.max_length}."
         )
     check_token_rows(tokens, n_tokens, model, key)
+    # After the id check: a wild id would otherwise size the warning's lookup table.
+    warn_if_tokens_outside_var(adata, tokens, model.vocab.special_tokens.values(), key)
     return tokens, n_tokens
 
 
