@@ -409,6 +409,26 @@ def test_a_bug_deep_in_a_library_keeps_its_traceback(monkeypatch):
         run_reporting_errors(argparse.Namespace(debug=False, run=crash))
 
 
+def test_a_busy_run_folder_is_one_line_on_the_command_line(tmp_path, capsys):
+    import argparse
+
+    from scgeneformer._cli_errors import run_reporting_errors
+    from scgeneformer.train._run_lock import lock_run_folder
+
+    held = lock_run_folder(tmp_path)  # as a run in progress holds it
+    try:
+
+        def second_run(args):
+            lock_run_folder(tmp_path)
+
+        code = run_reporting_errors(argparse.Namespace(debug=False, run=second_run))
+    finally:
+        held.release()
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "pid" in err
+
+
 # ---------------------------------------------------------------- more hostile input
 def test_n_tokens_wider_than_the_token_rows_is_refused_not_misread(small):
     adata, model = small

@@ -31,7 +31,8 @@ def is_user_error(err: BaseException) -> bool:
     """
     if isinstance(err, OSError):  # missing file, a folder given for a file, no permission
         return True
-    return isinstance(err, ValueError | KeyError | TypeError) and _raised_here(err)
+    ours = ValueError | KeyError | TypeError | RuntimeError  # e.g. a run folder in use
+    return isinstance(err, ours) and _raised_here(err)
 
 
 def _message(err: BaseException) -> str:
