@@ -230,44 +230,7 @@ class Geneformer(nn.Module):
         read once (1.2 GB for V2-316M).
         """
         folder = Path(folder)
-        if not (folder / ckpt.CONFIG_NAME).is_file():
-            where = "does not exist" if not folder.exists() else f"has no {ckpt.CONFIG_NAME}"
-            raise FileNotFoundError(f"Checkpoint folder {str(folder)!r} {where}.")
-        config = GeneformerConfig.from_hf_dict(
-            ckpt.read_json(folder / ckpt.CONFIG_NAME, "Model config")
-        )
-        metadata_path = folder / ckpt.METADATA_NAME
-        metadata = ckpt.read_json(metadata_path, "Metadata") if metadata_path.is_file() else {}
-        # Before the vocabulary checks: a folder mixed from two saves is named as that.
-        ckpt.verify_weights_file(folder, metadata)
-        vocab = vocab if vocab is not None else ckpt.find_vocabulary(folder, config.vocab_size)
-        if vocab is None:
-            raise FileNotFoundError(
-                f"No vocabulary for the checkpoint in {str(folder)!r}. Put {ckpt.VOCAB_NAME} "
-                "(written by Vocabulary.save) or the official token_dictionary*.pkl and "
-                "gene_median_dictionary*.pkl beside its config.json, or pass vocab=."
-            )
-        if len(vocab) != config.vocab_size:
-            raise ValueError(
-                f"The checkpoint in {str(folder)!r} has {config.vocab_size:,} token ids but the "
-                f"vocabulary {vocab.name!r} has {len(vocab):,}: it is not the vocabulary the "
-                "model was trained with."
-            )
-        # Refused or fitted here, before any tool writes tokens the model cannot read.
-        vocab = vocab.fitted_to(
-            config.max_position_embeddings,
-            fix=f"Pass a vocabulary with max_length<={config.max_position_embeddings} "
-            f"(vocab.max_length = {config.max_position_embeddings}).",
-        )
-        recorded = metadata.get("vocabulary_sha256")
-        if recorded is not None and recorded != vocab.sha256:
-            raise ValueError(
-                f"The checkpoint in {str(folder)!r} was saved with vocabulary "
-                f"{metadata.get('vocabulary_name')!r} (sha256 {recorded[:12]}…), not with "
-                f"{vocab.name!r} (sha256 {vocab.sha256[:12]}…)."
-            )
-        raw, weights_path = ckpt.read_weights(folder)
-        ckpt.check_finite(raw, str(weights_path))  # the heads too: classifiers load from raw
+        config, vocab, metadata, raw, weights_path = ckpt.read_folder(folder, vocab)
         with torch.device("meta"):
             model = cls(config, vocab, preset=metadata.get("preset"))
         expected = {k: v.shape for k, v in model.state_dict().items()}

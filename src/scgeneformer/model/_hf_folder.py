@@ -22,6 +22,7 @@ import torch
 from .._atomic import fsync_path, fsync_tree, honour_umask, staging_folder
 from .._version import __version__
 from ..vocab import Vocabulary
+from ._config import GeneformerConfig
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -344,3 +345,53 @@ def write_checkpoint(
             os.replace(tmp / name, folder / name)
         fsync_path(folder)
         return folder
+
+
+def read_folder(
+    folder: Path, vocab: Vocabulary | None
+) -> tuple[GeneformerConfig, Vocabulary, dict[str, Any], dict[str, torch.Tensor], Path]:
+    """Read and check a model folder: config, vocabulary, metadata, raw weights and their file.
+
+    Everything that can be wrong with a folder is refused here, before a model is built: a
+    missing config or vocabulary, a vocabulary of another size or sha256, or too long for the
+    model's positions (a default-length one is fitted to them), weights that do not match the
+    recorded sha256 or hold non-finite values.
+    """
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        where = "does not exist" if not folder.exists() else f"has no {CONFIG_NAME}"
+        raise FileNotFoundError(f"Checkpoint folder {str(folder)!r} {where}.")
+    config = GeneformerConfig.from_hf_dict(read_json(folder / CONFIG_NAME, "Model config"))
+    metadata_path = folder / METADATA_NAME
+    metadata = read_json(metadata_path, "Metadata") if metadata_path.is_file() else {}
+    # Before the vocabulary checks: a folder mixed from two saves is named as that.
+    verify_weights_file(folder, metadata)
+    vocab = vocab if vocab is not None else find_vocabulary(folder, config.vocab_size)
+    if vocab is None:
+        raise FileNotFoundError(
+            f"No vocabulary for the checkpoint in {str(folder)!r}. Put {VOCAB_NAME} "
+            "(written by Vocabulary.save) or the official token_dictionary*.pkl and "
+            "gene_median_dictionary*.pkl beside its config.json, or pass vocab=."
+        )
+    if len(vocab) != config.vocab_size:
+        raise ValueError(
+            f"The checkpoint in {str(folder)!r} has {config.vocab_size:,} token ids but the "
+            f"vocabulary {vocab.name!r} has {len(vocab):,}: it is not the vocabulary the "
+            "model was trained with."
+        )
+    # Refused or fitted here, before any tool writes tokens the model cannot read.
+    vocab = vocab.fitted_to(
+        config.max_position_embeddings,
+        fix=f"Pass a vocabulary with max_length<={config.max_position_embeddings} "
+        f"(vocab.max_length = {config.max_position_embeddings}).",
+    )
+    recorded = metadata.get("vocabulary_sha256")
+    if recorded is not None and recorded != vocab.sha256:
+        raise ValueError(
+            f"The checkpoint in {str(folder)!r} was saved with vocabulary "
+            f"{metadata.get('vocabulary_name')!r} (sha256 {recorded[:12]}…), not with "
+            f"{vocab.name!r} (sha256 {vocab.sha256[:12]}…)."
+        )
+    raw, weights_path = read_weights(folder)
+    check_finite(raw, str(weights_path))  # the heads too: classifiers load from raw
+    return config, vocab, metadata, raw, weights_path
