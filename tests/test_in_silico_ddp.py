@@ -42,30 +42,27 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch has no distributed")
-def test_two_processes_give_the_one_process_screen(tmp_path):
-    adata = sgf.datasets.synthetic_states(n_cells=80, n_genes=120, random_state=4)
+def run_on_two_processes(tmp_path, script: str, n_cells: int):
+    """Save small cells and a tiny model, run ``script`` on them under a two-process torchrun."""
+    adata = sgf.datasets.synthetic_states(n_cells=n_cells, n_genes=120, random_state=4)
     vocab = sgf.Vocabulary.build(adata, max_length=256)
     model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **TINY)
     sgf.pp.rank_tokenize(adata, vocab)
     adata.write_h5ad(tmp_path / "cells.h5ad")
     model.save(tmp_path / "model")
-    (tmp_path / "run.py").write_text(SCRIPT)
+    (tmp_path / "run.py").write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(tmp_path / "run.py"),
-        str(tmp_path / "cells.h5ad"),
-        str(tmp_path / "model"),
-        str(tmp_path),
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", str(tmp_path / "run.py")]
+    command += [str(tmp_path / "cells.h5ad"), str(tmp_path / "model"), str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return adata, model
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch has no distributed")
+def test_two_processes_give_the_one_process_screen(tmp_path):
+    adata, model = run_on_two_processes(tmp_path, SCRIPT, n_cells=80)
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.n_processes").read_text() == "2"
     sgf.tl.in_silico_delete(
@@ -129,28 +126,7 @@ COMBINED_SCRIPT = textwrap.dedent(
 def test_combined_deletion_splits_cells_over_processes_and_closes_its_group(tmp_path):
     import json
 
-    adata = sgf.datasets.synthetic_states(n_cells=60, n_genes=120, random_state=4)
-    vocab = sgf.Vocabulary.build(adata, max_length=256)
-    model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **TINY)
-    sgf.pp.rank_tokenize(adata, vocab)
-    adata.write_h5ad(tmp_path / "cells.h5ad")
-    model.save(tmp_path / "model")
-    (tmp_path / "run.py").write_text(COMBINED_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(tmp_path / "run.py"),
-        str(tmp_path / "cells.h5ad"),
-        str(tmp_path / "model"),
-        str(tmp_path),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    adata, model = run_on_two_processes(tmp_path, COMBINED_SCRIPT, n_cells=60)
     with pytest.warns(UserWarning, match="pretrained encoder"):
         sgf.tl.in_silico_delete(
             adata,
