@@ -37,7 +37,13 @@ from ._background import rank_matched_background
 from ._compiled import EncoderRunner
 from ._cost import warn_if_slow_on_cpu
 from ._downstream import GeneShifts, write_gene_shifts
-from ._first_order import MAGNITUDE_PROJECTIONS, gate_estimates, rank_matched_positions
+from ._first_order import (
+    MAGNITUDE_PROJECTIONS,
+    ExactProbe,
+    choose_candidates,
+    gate_estimates,
+    rank_matched_positions,
+)
 from ._inference import check_pooling, encode_cells, hidden_layer_index, inference_on
 from ._model_arg import encoder_of, warn_if_not_finetuned_on
 from ._perturb_stats import check_alternative, gene_statistics, null_description
@@ -66,9 +72,13 @@ class _Screen:
     anchor: int | None = None  # token deleted together with each exactly deleted gene
 
     def exact_positions(
-        self, c: int, positions: torch.Tensor, estimate: torch.Tensor
+        self, c: int, positions: torch.Tensor, estimate: torch.Tensor, probe=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which of ``positions`` to delete exactly, and which of those form the baseline."""
+        """Which of ``positions`` to delete exactly, and which of those form the baseline.
+
+        ``probe`` scores exact deletions while the candidates are chosen (see
+        :func:`choose_candidates`).
+        """
         everything = torch.ones(positions.numel(), dtype=torch.bool)
         if self.method == "exact":
             return everything, everything
@@ -76,8 +86,7 @@ class _Screen:
             return ~everything, everything
         if positions.numel() <= self.n_exact:
             return everything, everything
-        order = torch.argsort(estimate, descending=True, stable=True)
-        candidates = order[: self.n_exact].numpy()
+        candidates = choose_candidates(estimate, positions, self.n_exact, probe)
         rng = np.random.default_rng([self.random_state, int(c)])
         others = rank_matched_positions(
             np.arange(positions.numel()), candidates, self.n_background, rng
@@ -230,6 +239,15 @@ def _run_screen(
         found = gate_estimates(model, rows, targets, seeds=seeds, **kwargs)
         return dict(zip(chunk.tolist(), found, strict=True))
 
+    def probe_deletions(row, positions, is_gene, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled exact deletions at ``index`` of ``positions`` and their estimated score."""
+        states = model.hidden_states(row[None, :], layer=layer_index, validate=False).float()
+        deleted = positions[torch.as_tensor(index, device=device)]
+        hook = None if shifts is None else partial(shifts.add, row, states[0], deleted, is_gene)
+        pooled = embed(_deleted(row, deleted), hook)
+        original = _pool(states, lead, trail, pooling)
+        return pooled, _score(pooled, original, targets.get(estimated[0]))
+
     copies = 1 if targets else MAGNITUDE_PROJECTIONS
     # Consecutive cells share a gradient pass; the cell loop computes the next chunk's
     # estimates when it reaches a cell without them.
@@ -253,14 +271,17 @@ def _run_screen(
                 continue
             exact = torch.ones(n_rows, dtype=torch.bool)
             baseline = exact
+            probe = ExactProbe(n_rows)
             if screen.method != "exact":
                 estimate = estimates[c]
                 at = positions.cpu()
                 for name in estimated:
                     columns[f"estimate_{name}"].append(estimate[name][at].numpy())
-                exact, baseline = screen.exact_positions(c, at, estimate[estimated[0]][at])
+                if screen.method == "two_stage":
+                    probe = ExactProbe(n_rows, partial(probe_deletions, row, positions, is_gene))
+                exact, baseline = screen.exact_positions(c, at, estimate[estimated[0]][at], probe)
             if screen.mode == "delete":
-                variant_sets = [_deleted(row, positions[exact.to(device)])]
+                variant_sets = [_deleted(row, positions[(exact & ~probe.done).to(device)])]
             else:
                 variant_sets = [
                     _moved_to_front(row, positions, lead),
@@ -274,15 +295,15 @@ def _run_screen(
             columns["baseline"].append(baseline.numpy())
             scores = {name: np.full(n_rows, np.nan, np.float32) for name in [*targets, "magnitude"]}
             variant_sets = [v for v in variant_sets if v.shape[0]]
-            if variant_sets:
+            if variant_sets or probe.done.any():
                 states = model.hidden_states(row[None, :], layer=layer_index, validate=False)
                 states = states.float()
                 original = _pool(states, lead, trail, pooling)
                 on_states = None
                 if shifts is not None:
-                    deleted = positions[exact.to(device)]
+                    deleted = positions[(exact & ~probe.done).to(device)]
                     on_states = partial(shifts.add, row, states[0], deleted, is_gene)
-                pooled = torch.cat([embed(v, on_states) for v in variant_sets])
+                pooled = probe.merged(exact, [embed(v, on_states) for v in variant_sets])
                 for name, target in targets.items():
                     shift = F.cosine_similarity(pooled, target[None, :]) - F.cosine_similarity(
                         original, target[None, :]
