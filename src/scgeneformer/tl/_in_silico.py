@@ -50,11 +50,11 @@ from ._perturb_stats import check_alternative, gene_statistics, null_description
 from ._tokens import cell_tokens
 
 METHODS = ("exact", "first_order", "two_stage")
-# Chosen on synthetic_states with a fine-tuned classifier (bench/bench_in_silico.py
-# --methods, bench/RESULTS.md): at 256 tokens the first-order top n held 0.80, 0.89, 0.94
-# and 0.95 of each cell's exact top 10 for n = 24, 32, 48, 64; 32 is where the gain per
-# added candidate falls off, and it keeps two_stage about 4x faster than exact there.
-DEFAULT_N_EXACT = 32
+# The smallest n_exact of the bench's sweep (10, 16, 24, 32, 48, 64) whose two-round
+# candidates held at least 95% of each cell's exact top 10 on both data sets at 256 tokens
+# (bench/bench_in_silico.py --methods, bench/RESULTS.md): 32 held 0.91 (synthetic_states)
+# and 0.91 (Kang 2018), 48 held 0.96 and 0.96.
+DEFAULT_N_EXACT = 48
 
 
 @dataclass(frozen=True)
@@ -760,9 +760,11 @@ def _combined(
 
 
 _DELETION_PARAMETERS = """    n_exact
-        Candidates per cell deleted exactly with ``method="two_stage"`` (default 32: on a
-        fine-tuned classifier at 256 tokens per cell they held 89% of each cell's exact top
-        10, 64 held 95%; see ``bench/RESULTS.md``).
+        Candidates per cell deleted exactly with ``method="two_stage"``, chosen in two
+        rounds (see Notes). Default 48: the smallest of 10, 16, 24, 32, 48, 64 whose
+        candidates held at least 95% of each cell's exact top 10 with fine-tuned classifiers
+        at 256 tokens per cell, on synthetic states and on Kang 2018 (0.96 each; 32 held
+        0.91); see ``bench/RESULTS.md``.
     n_background
         Random rank-matched genes per cell, besides the candidates, deleted exactly with
         ``method="two_stage"`` as the null of the statistics (default ``n_exact // 4``).
@@ -806,8 +808,12 @@ _SHARED_PARAMETERS = """
         cell). ``"first_order"`` (deletion only) estimates every gene's score from one
         forward and one backward pass per cell, through a gate on each token as an attention
         key and in the pooling (see Notes); no variant is built. ``"two_stage"`` (deletion
-        only) runs the first-order pass, then deletes exactly each cell's ``n_exact`` genes
-        with the largest estimates and ``n_background`` other genes at matching ranks.
+        only) runs the first-order pass, then deletes exactly each cell's ``n_exact``
+        candidates and ``n_background`` other genes at matching ranks. The candidates come
+        in two rounds: the largest estimates (five eighths of ``n_exact``), then the largest
+        estimates corrected by the first round's errors (exact minus estimate), which are
+        interpolated over the token position (the estimate misses the shift of the later
+        positions, which varies slowly with the position).
 {deletion_parameters}    max_cells
         Perturb at most this many start cells (a random subset by ``random_state``).
     emb_layer, pooling
