@@ -25,8 +25,11 @@ scratch (its accuracy printed), every gene of ``--cells`` disease cells deleted 
 healthy state by ``exact``, ``first_order`` and ``two_stage``. It prints wall time per cell,
 exact variants per second, the speed-up over exact, per-cell Spearman of the estimates with
 the exact shifts, the recall of each cell's exact top 10 within its first-order top ``n``
-(``n`` swept; ``two_stage`` deletes exactly the top ``n_exact``), and the planted drivers'
-AUROC against neutral genes by each method's z-score. Run:
+and within the candidates ``two_stage`` would choose with ``n_exact = n`` (``n`` swept), and
+the planted drivers' AUROC against neutral genes by each method's z-score. ``--data kang``
+runs the same on Kang 2018 (stimulated toward control; the interferon genes' AUROC instead).
+``--train-length`` fine-tunes on cells cut shorter than the screened ``--length`` (for
+2,048-token screens on a CPU). Run:
 ``.venv/bin/python bench/bench_in_silico.py --methods --length 256 --cells 24``.
 """
 
