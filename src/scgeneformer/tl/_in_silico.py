@@ -72,7 +72,11 @@ class _Screen:
     anchor: int | None = None  # token deleted together with each exactly deleted gene
 
     def exact_positions(
-        self, c: int, positions: torch.Tensor, estimate: torch.Tensor, probe=None
+        self,
+        c: int,
+        positions: torch.Tensor,
+        estimate: torch.Tensor,
+        probe: ExactProbe | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Which of ``positions`` to delete exactly, and which of those form the baseline.
 
