@@ -205,6 +205,29 @@ def test_kang_deletion_chain(monkeypatch):
     sgf.pl.deletion_volcano(adata, show=False)
     plt.close("all")
 
+    # The same screen in two stages, on the same cells: fewer exact deletions, both rankings.
+    sgf.tl.in_silico_delete(
+        adata,
+        clf,
+        start_state="stim",
+        goal_state="ctrl",
+        min_cells=2,
+        method="two_stage",
+        n_exact=16,
+        key_added="two_stage",
+        **screen,
+    )
+    two = adata.uns["two_stage"]
+    assert two["n_start_cells"] == adata.uns["in_silico_delete"]["n_start_cells"]
+    assert two["n_perturbations"] <= 4 * (16 + 4) and 0 < two["exact_share"] < 1
+    two_tested = adata.var[adata.var["two_stage_n_cells"] >= 1]
+    assert len(two_tested) and two_tested["two_stage_estimate"].notna().all()
+    assert set(two_tested.index) <= set(adata.var.index[adata.var["in_silico_delete_n_cells"] > 0])
+    _, axes = plt.subplots(1, 2)
+    sgf.pl.deletion_ranking(adata, n_top=10, ax=axes[0], show=False)
+    sgf.pl.deletion_ranking(adata, "two_stage", n_top=10, ax=axes[1], show=False)
+    plt.close("all")
+
     isgs = [
         g
         for g in ["ISG15", "IFI6", "IFIT1", "IFIT3", "MX1", "ISG20", "IFITM3"]

@@ -17,9 +17,11 @@ from ..model import Geneformer, GeneformerClassifier
 from ._screen_run import screen
 
 _DELETION_PARAMETERS = """    n_exact
-        Candidates per cell deleted exactly with ``method="two_stage"`` (default 32: on a
-        fine-tuned classifier at 256 tokens per cell they held 89% of each cell's exact top
-        10, 64 held 95%; see ``bench/RESULTS.md``).
+        Candidates per cell deleted exactly with ``method="two_stage"``, chosen in two
+        rounds (see Notes). Default 48: the smallest of 10, 16, 24, 32, 48, 64 whose
+        candidates held at least 95% of each cell's exact top 10 with fine-tuned classifiers
+        at 256 tokens per cell, on synthetic states and on Kang 2018 (0.96 each; 32 held
+        0.91); see ``bench/RESULTS.md``.
     n_background
         Random rank-matched genes per cell, besides the candidates, deleted exactly with
         ``method="two_stage"`` as the null of the statistics (default ``n_exact // 4``).
@@ -63,8 +65,12 @@ _SHARED_PARAMETERS = """
         cell). ``"first_order"`` (deletion only) estimates every gene's score from one
         forward and one backward pass per cell, through a gate on each token as an attention
         key and in the pooling (see Notes); no variant is built. ``"two_stage"`` (deletion
-        only) runs the first-order pass, then deletes exactly each cell's ``n_exact`` genes
-        with the largest estimates and ``n_background`` other genes at matching ranks.
+        only) runs the first-order pass, then deletes exactly each cell's ``n_exact``
+        candidates and ``n_background`` other genes at matching ranks. The candidates come
+        in two rounds: the largest estimates (five eighths of ``n_exact``), then the largest
+        estimates corrected by the first round's errors (exact minus estimate), which are
+        interpolated over the token position (the estimate misses the shift of the later
+        positions, which varies slowly with the position).
 {deletion_parameters}    max_cells
         Perturb at most this many start cells (a random subset by ``random_state``).
     emb_layer, pooling

@@ -25,15 +25,21 @@ from ..model import Geneformer
 from ._anchor import anchor_variants
 from ._compiled import EncoderRunner
 from ._downstream import GeneShifts
-from ._first_order import MAGNITUDE_PROJECTIONS, gate_estimates, rank_matched_positions
+from ._first_order import (
+    MAGNITUDE_PROJECTIONS,
+    ExactProbe,
+    choose_candidates,
+    gate_estimates,
+    rank_matched_positions,
+)
 from ._inference import inference_on
 
 METHODS = ("exact", "first_order", "two_stage")
-# Chosen on synthetic_states with a fine-tuned classifier (bench/bench_in_silico.py
-# --methods, bench/RESULTS.md): at 256 tokens the first-order top n held 0.80, 0.89, 0.94
-# and 0.95 of each cell's exact top 10 for n = 24, 32, 48, 64; 32 is where the gain per
-# added candidate falls off, and it keeps two_stage about 4x faster than exact there.
-DEFAULT_N_EXACT = 32
+# The smallest n_exact of the bench's sweep (10, 16, 24, 32, 48, 64) whose two-round
+# candidates held at least 95% of each cell's exact top 10 on both data sets at 256 tokens
+# (bench/bench_in_silico.py --methods, bench/RESULTS.md): 32 held 0.91 (synthetic_states)
+# and 0.91 (Kang 2018), 48 held 0.96 and 0.96.
+DEFAULT_N_EXACT = 48
 
 
 @dataclass(frozen=True)
@@ -51,9 +57,17 @@ class Screen:
     anchor: int | None = None  # token deleted together with each exactly deleted gene
 
     def exact_positions(
-        self, c: int, positions: torch.Tensor, estimate: torch.Tensor
+        self,
+        c: int,
+        positions: torch.Tensor,
+        estimate: torch.Tensor,
+        probe: ExactProbe | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which of ``positions`` to delete exactly, and which of those form the baseline."""
+        """Which of ``positions`` to delete exactly, and which of those form the baseline.
+
+        ``probe`` scores exact deletions while the candidates are chosen (see
+        :func:`choose_candidates`).
+        """
         everything = torch.ones(positions.numel(), dtype=torch.bool)
         if self.method == "exact":
             return everything, everything
@@ -61,8 +75,7 @@ class Screen:
             return ~everything, everything
         if positions.numel() <= self.n_exact:
             return everything, everything
-        order = torch.argsort(estimate, descending=True, stable=True)
-        candidates = order[: self.n_exact].numpy()
+        candidates = choose_candidates(estimate, positions, self.n_exact, probe)
         rng = np.random.default_rng([self.random_state, int(c)])
         others = rank_matched_positions(
             np.arange(positions.numel()), candidates, self.n_background, rng
@@ -224,28 +237,46 @@ class _Screener:
             return
         exact = torch.ones(n_rows, dtype=torch.bool)
         baseline = exact
+        probe = ExactProbe(n_rows)
         if screen.method != "exact":
             at = positions.cpu()
             for name in self.estimated:
                 self.columns[f"estimate_{name}"].append(estimate[name][at].numpy())
-            exact, baseline = screen.exact_positions(c, at, estimate[self.estimated[0]][at])
+            if screen.method == "two_stage":
+                probe = ExactProbe(n_rows, partial(self._probe, row, positions, is_gene))
+            exact, baseline = screen.exact_positions(c, at, estimate[self.estimated[0]][at], probe)
         self.columns["cell"].append(np.full(n_rows, c))
         self.columns["token"].append(torch.cat([row[positions], inserts]).cpu().numpy())
         where = torch.cat([positions, torch.full_like(inserts, -1)])
         self.columns["position"].append(where.cpu().numpy())
         self.columns["exact"].append(exact.numpy())
         self.columns["baseline"].append(baseline.numpy())
-        scores, original = self._scores(row, positions, inserts, exact, is_gene)
+        scores, original = self._scores(row, positions, inserts, exact, is_gene, probe)
         for name, values in scores.items():
             self.columns[f"score_{name}"].append(values)
         if screen.anchor is not None:
             self._anchor_pairs(row, positions, exact, original)
 
+    def _probe(
+        self, row: torch.Tensor, positions: torch.Tensor, is_gene: torch.Tensor, index
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled exact deletions at ``index`` of ``positions`` and their estimated score."""
+        states = self.model.hidden_states(row[None, :], layer=self.layer_index, validate=False)
+        states = states.float()
+        deleted = positions[torch.as_tensor(index, device=self.device)]
+        hook = None
+        if self.shifts is not None:
+            hook = partial(self.shifts.add, row, states[0], deleted, is_gene)
+        pooled = self.embed(_deleted(row, deleted), hook)
+        original = _pool(states, self.lead, self.trail, self.pooling)
+        return pooled, _score(pooled, original, self.targets.get(self.estimated[0]))
+
     def _variant_sets(
-        self, row: torch.Tensor, positions: torch.Tensor, inserts: torch.Tensor, exact
+        self, row: torch.Tensor, positions: torch.Tensor, inserts: torch.Tensor, pending
     ) -> list[torch.Tensor]:
+        """Build the variants still to embed: ``pending`` deletions, or every overexpression."""
         if self.screen.mode == "delete":
-            sets = [_deleted(row, positions[exact.to(self.device)])]
+            sets = [_deleted(row, positions[pending.to(self.device)])]
         else:
             sets = [
                 _moved_to_front(row, positions, self.lead),
@@ -260,23 +291,28 @@ class _Screener:
         inserts: torch.Tensor,
         exact: torch.Tensor,
         is_gene: torch.Tensor,
+        probe: ExactProbe,
     ) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
-        """Each score of the exact rows (NaN elsewhere), and the original's pooled state."""
+        """Each score of the exact rows (NaN elsewhere), and the original's pooled state.
+
+        Deletions the probe ran while choosing candidates are reused, not run again.
+        """
         n_rows = exact.numel()
         scores = {
             name: np.full(n_rows, np.nan, np.float32) for name in [*self.targets, "magnitude"]
         }
-        variant_sets = self._variant_sets(row, positions, inserts, exact)
-        if not variant_sets:
+        pending = exact & ~probe.done
+        variant_sets = self._variant_sets(row, positions, inserts, pending)
+        if not variant_sets and not probe.done.any():
             return scores, None
         states = self.model.hidden_states(row[None, :], layer=self.layer_index, validate=False)
         states = states.float()
         original = _pool(states, self.lead, self.trail, self.pooling)
         on_states = None
         if self.shifts is not None:
-            deleted = positions[exact.to(self.device)]
+            deleted = positions[pending.to(self.device)]
             on_states = partial(self.shifts.add, row, states[0], deleted, is_gene)
-        pooled = torch.cat([self.embed(v, on_states) for v in variant_sets])
+        pooled = probe.merged(exact, [self.embed(v, on_states) for v in variant_sets])
         ran = exact.numpy()
         for name, target in self.targets.items():
             shift = F.cosine_similarity(pooled, target[None, :]) - F.cosine_similarity(
