@@ -1,0 +1,138 @@
+"""The plots' contents and layout: what they draw equals the data, and nothing overlaps."""
+
+from __future__ import annotations
+
+import anndata as ad
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+import scgeneformer as sgf
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def overlaps(a, b) -> bool:
+    """Whether two display-space boxes share any area (touching edges do not count)."""
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+# ------------------------------------------------------------------ embedding_heatmap
+@pytest.fixture
+def embedded():
+    rng = np.random.default_rng(0)
+    labels = np.array(["T", "B", "NK", "B", "T", "T", "B", "NK", "T", "B"] * 3)
+    adata = ad.AnnData(obs=pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(30)]))
+    adata.obs["cell_type"] = pd.Categorical(labels, categories=["T", "B", "NK"])
+    adata.obsm["X_geneformer"] = rng.normal(size=(30, 6)) * np.array([1, 10, 100, 1, 1, 0.1])
+    return adata
+
+
+def test_heatmap_draws_the_embedding_ordered_by_group(embedded):
+    ax = sgf.pl.embedding_heatmap(embedded, groupby="cell_type", standard_scale=None, show=False)
+    labels = embedded.obs["cell_type"].to_numpy()
+    # Categories in their own order (T, B, NK), input order within a group.
+    order = np.concatenate([np.flatnonzero(labels == g) for g in ["T", "B", "NK"]])
+    drawn = np.asarray(ax.images[0].get_array())
+    np.testing.assert_array_equal(drawn, embedded.obsm["X_geneformer"][order])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["T", "B", "NK"]
+    # The group bar beside it has one code per drawn row, the same rows.
+    (bar,) = [child for child in ax.child_axes if child.images and child.get_ylabel()]
+    codes = np.asarray(bar.images[0].get_array()).ravel()
+    np.testing.assert_array_equal(codes, embedded.obs["cell_type"].cat.codes.to_numpy()[order])
+    assert bar.get_ylabel() == "30 cells, grouped by cell_type"
+
+
+def test_heatmap_scales_each_dimension_to_its_range(embedded):
+    ax = sgf.pl.embedding_heatmap(embedded, groupby="cell_type", show=False)
+    drawn = np.asarray(ax.images[0].get_array())
+    np.testing.assert_allclose(drawn.min(axis=0), 0.0)
+    np.testing.assert_allclose(drawn.max(axis=0), 1.0)
+    values = embedded.obsm["X_geneformer"]
+    labels = embedded.obs["cell_type"].to_numpy()
+    order = np.concatenate([np.flatnonzero(labels == g) for g in ["T", "B", "NK"]])
+    low, high = values.min(axis=0), values.max(axis=0)
+    np.testing.assert_allclose(drawn, (values[order] - low) / (high - low))
+
+
+def test_heatmap_subsamples_each_group_and_keeps_input_order(embedded):
+    before = embedded.copy()
+    ax = sgf.pl.embedding_heatmap(
+        embedded,
+        groupby="cell_type",
+        basis="geneformer",
+        max_cells_per_group=4,
+        standard_scale=None,
+        random_state=1,
+        show=False,
+    )
+    drawn = np.asarray(ax.images[0].get_array())
+    values, labels = embedded.obsm["X_geneformer"], embedded.obs["cell_type"].to_numpy()
+    rows = [int(np.flatnonzero((values == row).all(axis=1))[0]) for row in drawn]
+    assert [labels[r] for r in rows] == ["T"] * 4 + ["B"] * 4 + ["NK"] * 4  # NK has 6, not 4
+    for group in ("T", "B", "NK"):
+        picked = [r for r in rows if labels[r] == group]
+        assert picked == sorted(picked)
+    again = sgf.pl.embedding_heatmap(
+        embedded,
+        groupby="cell_type",
+        max_cells_per_group=4,
+        standard_scale=None,
+        random_state=1,
+        show=False,
+    )
+    np.testing.assert_array_equal(np.asarray(again.images[0].get_array()), drawn)
+    # The AnnData is left as it was (no colours written to uns, no columns added).
+    assert embedded.uns.keys() == before.uns.keys()
+    pd.testing.assert_frame_equal(embedded.obs, before.obs)
+
+
+def test_heatmap_legend_and_scale_stand_clear_of_the_data(embedded, tmp_path):
+    # Grouped by a string column (no categories): sorted groups, nine of them.
+    embedded.obs["cluster"] = [f"cluster {i % 9}" for i in range(embedded.n_obs)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    for ax in axes:
+        sgf.pl.embedding_heatmap(embedded, groupby="cluster", ax=ax, show=False)
+    fig.savefig(tmp_path / "two.png")
+    renderer = fig.canvas.get_renderer()
+    for ax in axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        scale = ax.images[0].colorbar.ax
+        assert not overlaps(legend, ax.get_window_extent(renderer))
+        assert not overlaps(legend, scale.get_tightbbox(renderer))  # ticks and label included
+        assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["cluster 0", "cluster 1"]
+    # The left panel's legend does not run into the right panel.
+    left_legend = axes[0].get_legend().get_window_extent(renderer)
+    assert not overlaps(left_legend, axes[1].get_tightbbox(renderer))
+
+
+def test_heatmap_says_what_is_missing(embedded):
+    with pytest.raises(KeyError, match=r"no 'X_pca'.*\['X_geneformer'\].*sgf\.tl\.embed"):
+        sgf.pl.embedding_heatmap(embedded, groupby="cell_type", basis="X_pca")
+    with pytest.raises(KeyError, match=r"no column 'donor'.*\['cell_type'\]"):
+        sgf.pl.embedding_heatmap(embedded, groupby="donor")
+    with pytest.raises(ValueError, match="max_cells_per_group"):
+        sgf.pl.embedding_heatmap(embedded, groupby="cell_type", max_cells_per_group=0)
+    partly = embedded.copy()
+    partly.obs.loc[partly.obs_names[:3], "cell_type"] = np.nan
+    with pytest.warns(UserWarning, match="3 of 30 cells have no 'cell_type' label"):
+        ax = sgf.pl.embedding_heatmap(partly, groupby="cell_type", show=False)
+    assert ax.images[0].get_array().shape == (27, 6)
+
+
+def test_heatmap_uses_scanpys_group_colours_and_saves(embedded, tmp_path):
+    embedded.uns["cell_type_colors"] = ["#ff0000", "#00ff00", "#0000ff"]
+    path = tmp_path / "heatmap.png"
+    sgf.pl.embedding_heatmap(embedded, groupby="cell_type", save=path, show=False)
+    assert path.stat().st_size > 0
+    ax = sgf.pl.embedding_heatmap(embedded, groupby="cell_type", show=False)
+    colours = [h.get_facecolor()[:3] for h in ax.get_legend().legend_handles]
+    assert colours == [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
