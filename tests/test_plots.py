@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.text import Text
 
 import scgeneformer as sgf
 
@@ -136,3 +137,59 @@ def test_heatmap_uses_scanpys_group_colours_and_saves(embedded, tmp_path):
     ax = sgf.pl.embedding_heatmap(embedded, groupby="cell_type", show=False)
     colours = [h.get_facecolor()[:3] for h in ax.get_legend().legend_handles]
     assert colours == [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
+
+
+# ------------------------------------------------------------------ deletion_volcano
+def crowded_screen(n_genes: int = 60, seed: int = 0) -> ad.AnnData:
+    """A screen's var columns by hand: many genes of nearly one shift and one FDR."""
+    rng = np.random.default_rng(seed)
+    adata = ad.AnnData(np.zeros((1, n_genes)))
+    adata.var_names = [f"GENE{i:02d}LONGNAME" for i in range(n_genes)]
+    key = "in_silico_delete"
+    shift = 0.01 + rng.normal(0, 1e-4, n_genes)
+    shift[:5] = [0.05, -0.02, 0.002, 0.0101, 0.0099]  # a few spread out
+    adata.var[f"{key}_shift"] = shift
+    adata.var[f"{key}_zscore"] = np.linspace(8, 0, n_genes)
+    fdr = 10.0 ** -(6 + rng.normal(0, 0.02, n_genes))
+    adata.var[f"{key}_pval"] = adata.var[f"{key}_fdr"] = fdr
+    adata.var[f"{key}_n_cells"] = 10
+    adata.uns[key] = {"start_state": "stim", "goal_state": "ctrl", "mode": "delete"}
+    return adata
+
+
+@pytest.mark.parametrize("size", [(6, 4.5), (3.5, 3)])
+def test_volcano_labels_never_overlap_in_a_crowd(size, tmp_path):
+    adata = crowded_screen()
+    _, ax = plt.subplots(figsize=size)
+    sgf.pl.deletion_volcano(adata, n_labels=20, ax=ax, save=tmp_path / "v.png", show=False)
+    renderer = ax.figure.canvas.get_renderer()
+    texts = ax.texts
+    assert [t.get_text() for t in texts] == adata.var_names[:20].tolist()  # top by z-score
+    # The text's own box (an Annotation's extent would include its leader line).
+    boxes = [Text.get_window_extent(t, renderer) for t in texts]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not overlaps(a, b), (a, b)
+    # Each label still points at its own gene: the annotation's anchor is the gene's point.
+    for text, (shift, fdr) in zip(
+        texts,
+        adata.var[["in_silico_delete_shift", "in_silico_delete_fdr"]].to_numpy()[:20],
+        strict=True,
+    ):
+        assert text.xy == pytest.approx((shift, -np.log10(fdr)))
+    # The legend stands outside the data, to the right.
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert legend.x0 >= ax.get_window_extent(renderer).x1 - 1
+
+
+def test_volcano_without_crowding_keeps_labels_beside_their_genes():
+    adata = crowded_screen(n_genes=5)
+    adata.var["in_silico_delete_fdr"] = [1e-8, 1e-6, 1e-4, 1e-3, 1e-2]  # far apart
+    ax = sgf.pl.deletion_volcano(adata, n_labels=5, show=False)
+    ax.figure.canvas.draw()  # annotations take their places when drawn
+    renderer = ax.figure.canvas.get_renderer()
+    for text in ax.texts:
+        box = Text.get_window_extent(text, renderer)
+        point = ax.transData.transform(text.xy)
+        assert abs(box.y0 + box.height / 2 - point[1]) < box.height  # on its gene's level
+        assert text.arrow_patch is None  # no leader line needed
