@@ -193,3 +193,85 @@ def test_volcano_without_crowding_keeps_labels_beside_their_genes():
         point = ax.transData.transform(text.xy)
         assert abs(box.y0 + box.height / 2 - point[1]) < box.height  # on its gene's level
         assert text.arrow_patch is None  # no leader line needed
+
+
+# ------------------------------------------------------------------ first_order screens
+@pytest.fixture(scope="module")
+def first_order_screen():
+    from .test_in_silico import TINY
+
+    adata = sgf.datasets.synthetic_states(n_cells=60, n_genes=120, random_state=3)
+    vocab = sgf.Vocabulary.build(adata, max_length=64)
+    model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **TINY)
+    sgf.pp.rank_tokenize(adata, vocab)
+    with pytest.warns(UserWarning, match="never fine-tuned"):  # the plots need no trained model
+        sgf.tl.in_silico_delete(
+            adata,
+            model,
+            method="first_order",
+            state_key="state",
+            start_state="disease",
+            goal_state="healthy",
+            max_cells=6,
+            min_cells=2,
+            random_state=0,
+        )
+    return adata
+
+
+def bars(ax) -> tuple[list[str], np.ndarray]:
+    """The genes and bar lengths of a ranking, top first."""
+    genes = [t.get_text() for t in ax.get_yticklabels()][::-1]
+    return genes, np.array([p.get_width() for p in ax.patches])[::-1]
+
+
+def test_first_order_ranking_plots_the_estimates(first_order_screen):
+    adata = first_order_screen
+    var = adata.var
+    assert var["in_silico_delete_shift"].isna().all()  # nothing was deleted exactly
+    tested = var[var["in_silico_delete_n_cells"] >= 2]
+    expected = tested["in_silico_delete_estimate"].sort_values(ascending=False, kind="stable")
+
+    ax = sgf.pl.deletion_ranking(adata, sort_by="shift", n_top=12, gene_symbols=None, show=False)
+    genes, lengths = bars(ax)
+    assert genes == expected.index[:12].tolist()
+    np.testing.assert_allclose(lengths, expected.to_numpy()[:12])
+    assert ax.get_xlabel() == "mean first-order estimate of the shift toward the goal (cosine)"
+    # "estimate" asks for the same thing by its name.
+    same = sgf.pl.deletion_ranking(
+        adata, sort_by="estimate", n_top=12, gene_symbols=None, show=False
+    )
+    assert bars(same)[0] == genes
+
+    # The default order: the z-scores, which are of the estimates, and say so.
+    ax = sgf.pl.deletion_ranking(adata, n_top=8, gene_symbols=None, show=False)
+    genes, lengths = bars(ax)
+    zscores = tested["in_silico_delete_zscore"].sort_values(ascending=False, kind="stable")
+    assert genes == zscores.index[:8].tolist()
+    np.testing.assert_allclose(lengths, zscores.to_numpy()[:8])
+    assert "first-order estimates" in ax.get_xlabel()
+
+
+def test_first_order_volcano_places_genes_at_their_estimates(first_order_screen):
+    adata = first_order_screen
+    ax = sgf.pl.deletion_volcano(
+        adata, fdr_threshold=1.01, n_labels=5, gene_symbols=None, show=False
+    )
+    assert "first-order estimate" in ax.get_xlabel()
+    tested = adata.var[adata.var["in_silico_delete_n_cells"] >= 2]
+    drawn = np.concatenate([c.get_offsets()[:, 0] for c in ax.collections])
+    np.testing.assert_allclose(
+        np.sort(drawn), np.sort(tested["in_silico_delete_estimate"].to_numpy())
+    )
+    top = tested["in_silico_delete_zscore"].nlargest(5).index
+    for text, gene in zip(ax.texts, top, strict=True):
+        assert text.get_text() == gene
+        assert text.xy[0] == pytest.approx(tested.loc[gene, "in_silico_delete_estimate"])
+
+
+def test_an_exact_screen_has_no_estimate_to_sort_by(first_order_screen):
+    adata = first_order_screen.copy()
+    adata.var["in_silico_delete_shift"] = adata.var["in_silico_delete_estimate"]
+    del adata.var["in_silico_delete_estimate"]
+    with pytest.raises(ValueError, match="made no first-order estimates"):
+        sgf.pl.deletion_ranking(adata, sort_by="estimate", show=False)
