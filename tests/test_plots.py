@@ -12,6 +12,8 @@ from matplotlib.text import Text
 
 import scgeneformer as sgf
 
+from .test_in_silico import states_data  # noqa: F401  (the shared fixture)
+
 matplotlib.use("Agg")
 
 
@@ -197,13 +199,9 @@ def test_volcano_without_crowding_keeps_labels_beside_their_genes():
 
 # ------------------------------------------------------------------ first_order screens
 @pytest.fixture(scope="module")
-def first_order_screen():
-    from .test_in_silico import TINY
-
-    adata = sgf.datasets.synthetic_states(n_cells=60, n_genes=120, random_state=3)
-    vocab = sgf.Vocabulary.build(adata, max_length=64)
-    model = sgf.Geneformer.from_config("V1-10M", vocab, random_state=0, **TINY)
-    sgf.pp.rank_tokenize(adata, vocab)
+def first_order_screen(states_data):  # noqa: F811  (the fixture imported above)
+    adata, model = states_data
+    adata = adata.copy()
     with pytest.warns(UserWarning, match="never fine-tuned"):  # the plots need no trained model
         sgf.tl.in_silico_delete(
             adata,

@@ -12,6 +12,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.ticker import MaxNLocator
 
+from .._docs import doc_params, doc_plot_output
 from .._screen_table import screen_table, screen_title
 from ._utils import finish, new_axes
 
@@ -41,15 +42,17 @@ def _measure(adata: AnnData, key: str, sort_by: str) -> tuple[str, str]:
     return sort_by, _AXIS_LABELS.get(sort_by, "")
 
 
-def _default_symbols(adata: AnnData) -> str | None:
-    """Return the ``var`` column of gene symbols when there is one (``"gene_symbol"``)."""
+def _symbols(adata: AnnData, gene_symbols: str | None) -> str | None:
+    """Resolve ``gene_symbols="auto"``: the ``var`` column ``gene_symbol`` when there is one."""
+    if gene_symbols != "auto":
+        return gene_symbols
     return "gene_symbol" if "gene_symbol" in adata.var.columns else None
 
 
 def _tested(
     adata: AnnData, key: str, sort_by: str, min_cells: int | None, gene_symbols: str | None
 ) -> pd.DataFrame:
-    symbols = _default_symbols(adata) if gene_symbols == "auto" else gene_symbols
+    symbols = _symbols(adata, gene_symbols)
     table = screen_table(adata, key, sort_by=sort_by, min_cells=min_cells, gene_symbols=symbols)
     tested = table[table["tested"]]
     if tested.empty:
@@ -65,6 +68,7 @@ def _minus_log10(fdr: pd.Series) -> np.ndarray:
     return -np.log10(np.clip(fdr.fillna(1.0).to_numpy(), 1e-300, 1.0))
 
 
+@doc_params(plot_output=doc_plot_output)
 def deletion_ranking(
     adata: AnnData,
     key: str = "in_silico_delete",
@@ -102,8 +106,7 @@ def deletion_ranking(
         Leave out genes perturbed in fewer cells; default the screen's own ``min_cells``.
     gene_symbols
         Column of ``var`` to label genes with; ``"auto"`` uses ``gene_symbol`` if present.
-    ax, show, save
-        As in scanpy: draw into ``ax``; show the figure; save it to this path.
+    {plot_output}
 
     Returns
     -------
@@ -306,6 +309,7 @@ def place_labels(
     return annotations
 
 
+@doc_params(plot_output=doc_plot_output)
 def downstream_genes(
     adata: AnnData,
     gene: str,
@@ -340,8 +344,7 @@ def downstream_genes(
     gene_symbols
         Column of ``var`` to label (and find) genes with; ``"auto"`` uses ``gene_symbol`` if
         present.
-    ax, show, save
-        As in scanpy: draw into ``ax``; show the figure; save it to this path.
+    {plot_output}
 
     Returns
     -------
@@ -359,7 +362,7 @@ def downstream_genes(
             f"adata.varp has no {slot!r}; run sgf.tl.in_silico_delete with gene_shifts=True "
             f"and key_added={key!r} first."
         )
-    symbols = _default_symbols(adata) if gene_symbols == "auto" else gene_symbols
+    symbols = _symbols(adata, gene_symbols)
     if symbols is not None and symbols not in adata.var.columns:
         raise KeyError(f"gene_symbols={symbols!r} is not a column of adata.var.")
     labels = np.asarray(adata.var[symbols] if symbols is not None else adata.var_names, str)

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import matplotlib.pyplot as plt
+from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.legend import Legend
 from matplotlib.transforms import ScaledTranslation
@@ -51,3 +52,24 @@ def legend_beside(ax: Axes, neighbour: Axes, handles: list, **kwargs: Any) -> Le
     options = dict(loc="upper left", frameon=False, fontsize=8, title_fontsize=9)
     options.update(kwargs)
     return ax.legend(handles=handles, bbox_to_anchor=(1.0, 1.0), bbox_transform=anchor, **options)
+
+
+def stored_result(adata: AnnData, slot: str, required: tuple[str, ...], run: str) -> dict:
+    """Return ``adata.uns[slot]``, the record a tool left for a plot; say what to run if not.
+
+    Parameters
+    ----------
+    adata
+        The AnnData the tool wrote into.
+    slot
+        The ``uns`` key, e.g. ``"state_finetune"``.
+    required
+        Keys the plot reads; a record without one of them is from another kind of run.
+    run
+        The call that writes the record, for the error message.
+    """
+    result = adata.uns.get(slot)
+    if not isinstance(result, dict) or any(k not in result for k in required):
+        found = "is absent" if result is None else f"holds no {', '.join(required)}"
+        raise ValueError(f"adata.uns[{slot!r}] {found}; run {run} first.")
+    return result
