@@ -184,6 +184,18 @@ def test_volcano_labels_never_overlap_in_a_crowd(size, tmp_path):
     assert legend.x0 >= ax.get_window_extent(renderer).x1 - 1
 
 
+def test_tiny_shifts_carry_their_power_of_ten_in_the_axis_label():
+    adata = crowded_screen(n_genes=5)
+    adata.var["in_silico_delete_shift"] *= 1e-3  # shifts of about 1e-5
+    ax = sgf.pl.deletion_ranking(adata, sort_by="shift", show=False)
+    assert ax.get_xlabel() == r"mean shift toward the goal (cosine, $\times 10^{-5}$)"
+    ax.figure.canvas.draw()
+    ticks = {t.get_position()[0]: t.get_text() for t in ax.get_xticklabels() if t.get_text()}
+    for value, text in ticks.items():  # "2" at 2e-5: the label and the ticks agree
+        assert float(text.replace("\N{MINUS SIGN}", "-")) == pytest.approx(value * 1e5)
+    assert not ax.xaxis.get_offset_text().get_text()  # no "1e-5" of its own beside the axis
+
+
 def test_volcano_without_crowding_keeps_labels_beside_their_genes():
     adata = crowded_screen(n_genes=5)
     adata.var["in_silico_delete_fdr"] = [1e-8, 1e-6, 1e-4, 1e-3, 1e-2]  # far apart
@@ -234,7 +246,7 @@ def test_first_order_ranking_plots_the_estimates(first_order_screen):
     genes, lengths = bars(ax)
     assert genes == expected.index[:12].tolist()
     np.testing.assert_allclose(lengths, expected.to_numpy()[:12])
-    assert ax.get_xlabel() == "mean first-order estimate of the shift toward the goal (cosine)"
+    assert ax.get_xlabel().startswith("mean first-order estimate of the shift toward the goal")
     # "estimate" asks for the same thing by its name.
     same = sgf.pl.deletion_ranking(
         adata, sort_by="estimate", n_top=12, gene_symbols=None, show=False

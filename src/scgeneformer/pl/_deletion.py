@@ -10,7 +10,7 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from .._docs import doc_params, doc_plot_output
 from .._screen_table import screen_table, screen_title
@@ -40,6 +40,29 @@ def _measure(adata: AnnData, key: str, sort_by: str) -> tuple[str, str]:
     if sort_by == "zscore" and estimated_only:
         return "zscore", _ESTIMATED_ZSCORE
     return sort_by, _AXIS_LABELS.get(sort_by, "")
+
+
+def readable_x_ticks(ax: Axes) -> None:
+    """Give the x axis about one tick an inch, and tiny values their power of ten in the label.
+
+    Shifts and first-order estimates are small decimals ("0.015", "0.00004"): at the default
+    density their tick labels run into each other on a narrow panel, and matplotlib's own
+    "1e-4" beside the axis sits on a long axis label. Call it after the label and the data.
+    """
+    width = ax.get_window_extent().width / ax.get_figure().dpi
+    steps = [1, 2, 2.5, 5, 10]
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=max(3, round(1.2 * width)), steps=steps))
+    ax.tick_params(axis="both", labelsize=9)
+    largest = max(abs(v) for v in ax.get_xlim())
+    if not 0 < largest < 1e-2:
+        return
+    power = int(np.floor(np.log10(largest)))
+    ax.xaxis.set_major_formatter(
+        FuncFormatter(lambda value, _: f"{value / 10**power:g}".replace("-", "\N{MINUS SIGN}"))
+    )
+    label = ax.get_xlabel()
+    scale = rf"$\times 10^{{{power}}}$"
+    ax.set_xlabel(f"{label[:-1]}, {scale})" if label.endswith(")") else f"{label} ({scale})")
 
 
 def _symbols(adata: AnnData, gene_symbols: str | None) -> str | None:
@@ -129,6 +152,7 @@ def deletion_ranking(
     ax.set_ylim(-0.6, len(top) - 0.4)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlabel(label)
+    readable_x_ticks(ax)
     ax.set_title(screen_title(adata, key), fontsize=10, loc="left")
     # Cells per gene as labels of a right-hand axis: outside the bars, never clipped.
     cells = ax.twinx()
@@ -194,10 +218,7 @@ def deletion_volcano(
     ax.set_ylabel("-log10 FDR")
     ax.set_title(screen_title(adata, key), fontsize=10, loc="left")
     ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost genes
-    # Shifts are small decimals ("0.015"): about one tick an inch keeps them apart.
-    width = ax.get_window_extent().width / ax.get_figure().dpi
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=max(3, int(width)), steps=[1, 2, 2.5, 5, 10]))
-    ax.tick_params(labelsize=9)
+    readable_x_ticks(ax)
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
