@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-SORT_KEYS = ("zscore", "shift")
+SORT_KEYS = ("zscore", "shift", "estimate")
 
 
 def screen_parameters(adata: AnnData, key: str) -> dict:
@@ -43,7 +43,9 @@ def screen_table(
     key
         The screen's ``key_added``.
     sort_by
-        ``"zscore"`` (the rank-adjusted statistic, the default) or ``"shift"`` (raw mean shift).
+        ``"zscore"`` (the rank-adjusted statistic, the default), ``"shift"`` (raw mean shift
+        of the exact deletions) or ``"estimate"`` (mean first-order estimate of the shift,
+        after ``method="first_order"`` or ``"two_stage"``).
     min_cells
         Genes perturbed in fewer cells go last with ``tested`` False; default the screen's own
         ``min_cells``.
@@ -53,7 +55,9 @@ def screen_table(
     Returns
     -------
     One row per perturbed gene, indexed by var name: ``gene``, ``zscore``, ``shift``, ``pval``,
-    ``fdr``, ``n_cells``, ``tested``, and ``shift_{state}`` per alt state.
+    ``fdr``, ``n_cells``, ``tested``, ``shift_{state}`` per alt state, and ``estimate`` where
+    the screen made first-order estimates. A ``first_order`` screen deleted nothing exactly:
+    its ``shift`` is NaN throughout, and its genes are those with an estimate.
 
     Examples
     --------
@@ -95,7 +99,16 @@ def screen_table(
     )
     for state in params.get("alt_states", []):
         table[f"shift_{state}"] = var[f"{key}_shift_{state}"].to_numpy()
-    table = table[(table["n_cells"] > 0) & table["shift"].notna()].copy()
+    measured = table["shift"].notna()
+    if f"{key}_estimate" in var.columns:
+        table["estimate"] = var[f"{key}_estimate"].to_numpy()
+        measured |= table["estimate"].notna()
+    elif sort_by == "estimate":
+        raise ValueError(
+            f"The screen {key!r} made no first-order estimates (method="
+            f"{params.get('method', 'exact')!r}); sort by 'zscore' or 'shift'."
+        )
+    table = table[(table["n_cells"] > 0) & measured].copy()
     table["tested"] = (table["n_cells"] >= min_cells) & table[sort_by].notna()
     table = table.sort_values(
         ["tested", sort_by], ascending=[False, False], na_position="last", kind="stable"

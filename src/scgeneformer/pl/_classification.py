@@ -9,9 +9,11 @@ import pandas as pd
 from anndata import AnnData
 from matplotlib.axes import Axes
 
+from .._docs import doc_params, doc_plot_output
 from ._utils import finish, new_axes
 
 
+@doc_params(plot_output=doc_plot_output)
 def confusion_matrix(
     adata: AnnData,
     label_key: str,
@@ -38,12 +40,7 @@ def confusion_matrix(
         ``obs`` column of the predictions; default ``f"{label_key}_pred"``.
     normalize
         Show each true class's row as fractions (recall on the diagonal) instead of counts.
-    ax
-        Axes to draw into; default a new figure.
-    show
-        Show the figure; default: when nothing is saved and matplotlib is interactive.
-    save
-        File to save the figure to.
+    {plot_output}
 
     Returns
     -------

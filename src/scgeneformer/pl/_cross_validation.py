@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import numpy as np
 from anndata import AnnData
@@ -11,19 +10,9 @@ from matplotlib.axes import Axes
 
 from .._docs import doc_params, doc_plot_output
 from ..tl._metrics import SPLIT_SCORES
-from ._utils import finish, new_axes
+from ._utils import finish, new_axes, stored_result
 
 _NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "auroc": "AUROC"}
-
-
-def _cv_result(adata: AnnData, key: str) -> dict[str, Any]:
-    result = adata.uns.get(f"{key}_finetune")
-    if not isinstance(result, dict) or "splits" not in result or "n_splits" not in result:
-        raise ValueError(
-            f"adata.uns[{key + '_finetune'!r}] holds no cross-validation; run "
-            f"sgf.tl.finetune(adata, model, label_key={key!r}, n_splits=5) first."
-        )
-    return result
 
 
 @doc_params(plot_output=doc_plot_output)
@@ -62,7 +51,12 @@ def finetune_splits(
     """
     if metric not in SPLIT_SCORES:
         raise ValueError(f"metric must be one of {list(SPLIT_SCORES)}, got {metric!r}.")
-    result = _cv_result(adata, key)
+    result = stored_result(
+        adata,
+        f"{key}_finetune",
+        ("splits", "n_splits"),
+        f"sgf.tl.finetune(adata, model, label_key={key!r}, n_splits=5)",
+    )
     methods = {"Geneformer": result}
     if "baseline" in result:
         methods["PCA + logistic regression"] = result["baseline"]

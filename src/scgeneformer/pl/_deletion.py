@@ -10,25 +10,72 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from .._docs import doc_params, doc_plot_output
 from .._screen_table import screen_table, screen_title
 from ._utils import finish, new_axes
 
 _AXIS_LABELS = {
     "zscore": "rank-adjusted z-score (toward the goal)",
     "shift": "mean shift toward the goal (cosine)",
+    "estimate": "mean first-order estimate of the shift toward the goal (cosine)",
 }
+_ESTIMATED_ZSCORE = "rank-adjusted z-score of first-order estimates (toward the goal)"
 
 
-def _default_symbols(adata: AnnData) -> str | None:
-    """Return the ``var`` column of gene symbols when there is one (``"gene_symbol"``)."""
+def _measure(adata: AnnData, key: str, sort_by: str) -> tuple[str, str]:
+    """Return the column to plot for ``sort_by`` and its axis label.
+
+    A ``first_order`` screen deletes nothing exactly: its ``shift`` column is empty and its
+    statistics come from the estimates, so it is plotted by the estimate, labelled as one.
+    """
+    estimated_only = (
+        f"{key}_shift" in adata.var.columns
+        and adata.var[f"{key}_shift"].isna().all()
+        and f"{key}_estimate" in adata.var.columns
+    )
+    if sort_by == "shift" and estimated_only:
+        sort_by = "estimate"
+    if sort_by == "zscore" and estimated_only:
+        return "zscore", _ESTIMATED_ZSCORE
+    return sort_by, _AXIS_LABELS.get(sort_by, "")
+
+
+def readable_x_ticks(ax: Axes) -> None:
+    """Give the x axis about one tick an inch, and tiny values their power of ten in the label.
+
+    Shifts and first-order estimates are small decimals ("0.015", "0.00004"): at the default
+    density their tick labels run into each other on a narrow panel, and matplotlib's own
+    "1e-4" beside the axis sits on a long axis label. Call it after the label and the data.
+    """
+    width = ax.get_window_extent().width / ax.get_figure().dpi
+    steps = [1, 2, 2.5, 5, 10]
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=max(3, round(1.2 * width)), steps=steps))
+    ax.tick_params(axis="both", labelsize=9)
+    largest = max(abs(v) for v in ax.get_xlim())
+    if not 0 < largest < 1e-2:
+        return
+    power = int(np.floor(np.log10(largest)))
+    ax.xaxis.set_major_formatter(
+        FuncFormatter(lambda value, _: f"{value / 10**power:g}".replace("-", "\N{MINUS SIGN}"))
+    )
+    label = ax.get_xlabel()
+    scale = rf"$\times 10^{{{power}}}$"
+    ax.set_xlabel(f"{label[:-1]}, {scale})" if label.endswith(")") else f"{label} ({scale})")
+
+
+def _symbols(adata: AnnData, gene_symbols: str | None) -> str | None:
+    """Resolve ``gene_symbols="auto"``: the ``var`` column ``gene_symbol`` when there is one."""
+    if gene_symbols != "auto":
+        return gene_symbols
     return "gene_symbol" if "gene_symbol" in adata.var.columns else None
 
 
 def _tested(
     adata: AnnData, key: str, sort_by: str, min_cells: int | None, gene_symbols: str | None
 ) -> pd.DataFrame:
-    symbols = _default_symbols(adata) if gene_symbols == "auto" else gene_symbols
+    symbols = _symbols(adata, gene_symbols)
     table = screen_table(adata, key, sort_by=sort_by, min_cells=min_cells, gene_symbols=symbols)
     tested = table[table["tested"]]
     if tested.empty:
@@ -44,6 +91,7 @@ def _minus_log10(fdr: pd.Series) -> np.ndarray:
     return -np.log10(np.clip(fdr.fillna(1.0).to_numpy(), 1e-300, 1.0))
 
 
+@doc_params(plot_output=doc_plot_output)
 def deletion_ranking(
     adata: AnnData,
     key: str = "in_silico_delete",
@@ -73,13 +121,15 @@ def deletion_ranking(
         Genes to show.
     sort_by
         ``"zscore"`` (default) or ``"shift"``, the raw mean shift, which mostly restates how
-        highly a gene ranks in its cells.
+        highly a gene ranks in its cells; ``"estimate"``, the mean first-order estimate of
+        the shift (screens with ``method="first_order"`` or ``"two_stage"``). A
+        ``first_order`` screen deleted nothing exactly, so there ``"shift"`` plots the
+        estimate, and the axis says so (its z-scores are of the estimates too).
     min_cells
         Leave out genes perturbed in fewer cells; default the screen's own ``min_cells``.
     gene_symbols
         Column of ``var`` to label genes with; ``"auto"`` uses ``gene_symbol`` if present.
-    ax, show, save
-        As in scanpy: draw into ``ax``; show the figure; save it to this path.
+    {plot_output}
 
     Returns
     -------
@@ -91,16 +141,18 @@ def deletion_ranking(
     ...                         goal_state="ctrl")  # doctest: +SKIP
     >>> sgf.pl.deletion_ranking(adata, n_top=15)  # doctest: +SKIP
     """
-    top = _tested(adata, key, sort_by, min_cells, gene_symbols).head(n_top).iloc[::-1]
+    column, label = _measure(adata, key, sort_by)
+    top = _tested(adata, key, column, min_cells, gene_symbols).head(n_top).iloc[::-1]
     ax = new_axes(ax, (6.5, 0.28 * len(top) + 1.6))
     strength = _minus_log10(top["fdr"])
     scale = ScalarMappable(Normalize(0, max(strength.max(), 1.0)), cmap="viridis")
     y = np.arange(len(top))
-    ax.barh(y, top[sort_by], color=scale.to_rgba(strength))
+    ax.barh(y, top[column], color=scale.to_rgba(strength))
     ax.set_yticks(y, top["gene"], fontsize=9)
     ax.set_ylim(-0.6, len(top) - 0.4)
     ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlabel(_AXIS_LABELS[sort_by])
+    ax.set_xlabel(label)
+    readable_x_ticks(ax)
     ax.set_title(screen_title(adata, key), fontsize=10, loc="left")
     # Cells per gene as labels of a right-hand axis: outside the bars, never clipped.
     cells = ax.twinx()
@@ -130,6 +182,10 @@ def deletion_volcano(
 ) -> Axes | None:
     """Mean shift against -log10 FDR for every gene of a screen; the top genes labelled.
 
+    Labels are placed so that none overlaps another: each starts beside its gene and, where it
+    would cover a label already placed, moves up or down to the nearest free place, joined to
+    its gene by a thin line. A ``first_order`` screen is plotted by its first-order estimate.
+
     Parameters
     ----------
     adata, key, min_cells, gene_symbols, ax, show, save
@@ -147,39 +203,134 @@ def deletion_volcano(
     --------
     >>> sgf.pl.deletion_volcano(adata)  # doctest: +SKIP
     """
+    column, label = _measure(adata, key, "shift")
     table = _tested(adata, key, "zscore", min_cells, gene_symbols)
+    table = table[table[column].notna()]
     significance = _minus_log10(table["fdr"])
     hit = table["fdr"].to_numpy() < fdr_threshold
     ax = new_axes(ax, (6, 4.5))
-    ax.scatter(table["shift"][~hit], significance[~hit], s=6, color="lightgrey", label="other")
-    ax.scatter(
-        table["shift"][hit],
-        significance[hit],
-        s=10,
-        color="crimson",
-        label=f"FDR < {fdr_threshold:g}",
-    )
+    x = table[column].to_numpy()
+    ax.scatter(x[~hit], significance[~hit], s=6, color="lightgrey", label="other")
+    ax.scatter(x[hit], significance[hit], s=10, color="crimson", label=f"FDR < {fdr_threshold:g}")
     ax.axhline(-np.log10(fdr_threshold), color="grey", ls="--", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
-    labelled = table[hit].head(n_labels)  # already in z-score order
-    for gene, shift, fdr in zip(labelled["gene"], labelled["shift"], labelled["fdr"], strict=True):
-        ax.annotate(
-            gene,
-            (shift, -np.log10(max(fdr, 1e-300))),
-            xytext=(3, 2),
-            textcoords="offset points",
-            fontsize=8,
-        )
-    ax.set_xlabel(_AXIS_LABELS["shift"])
+    ax.set_xlabel(label)
     ax.set_ylabel("-log10 FDR")
     ax.set_title(screen_title(adata, key), fontsize=10, loc="left")
     ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost genes
+    readable_x_ticks(ax)
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+    labelled = hit & (np.cumsum(hit) <= n_labels)  # the table is in z-score order
+    place_labels(ax, table["gene"][labelled].tolist(), x[labelled], significance[labelled])
     return finish(ax, show, save)
 
 
+def place_labels(
+    ax: Axes, labels: list[str], x: np.ndarray, y: np.ndarray, *, fontsize: float = 8
+) -> list:
+    """Annotate the points ``(x, y)`` with ``labels`` so that no two label boxes overlap.
+
+    Taken from the highest point down, each label goes beside its point, right or left, at
+    the free vertical place nearest to its point's level: "free" means its box meets no label
+    placed before (a stack by y, in display space), and stays inside the Axes while there is
+    room (outside only when the Axes are full). A label moved off its point's level gets a
+    thin line to it. The axis limits are fixed first, so that the display positions measured
+    are the ones drawn.
+
+    Returns
+    -------
+    The annotations, in the order of ``labels``.
+    """
+    if not labels:
+        return []
+    ax.set_xlim(ax.get_xlim())
+    ax.set_ylim(ax.get_ylim())
+    figure = ax.get_figure()
+    renderer = figure.canvas.get_renderer()
+    points = ax.transData.transform(np.column_stack([x, y]))
+    frame = ax.get_window_extent(renderer)
+    gap = 3 * figure.dpi / 72  # 3 points between a point and its label, and between labels
+    sizes = []
+    for text in labels:
+        probe = ax.text(0, 0, text, fontsize=fontsize)
+        extent = probe.get_window_extent(renderer)
+        sizes.append((extent.width, extent.height))
+        probe.remove()
+
+    # The labelled genes' own markers are obstacles too: a label must not hide a gene.
+    radius = 2.5 * figure.dpi / 72
+    markers = [(px - radius, py - radius, px + radius, py + radius) for px, py in points]
+    placed: list[tuple[float, float, float, float]] = []  # x0, y0, x1, y1 in pixels
+
+    def nearest_free(i: int, x0: float, inside: bool) -> float | None:
+        """Return the bottom edge nearest label ``i``'s point where its box is free, or None."""
+        width, height = sizes[i]
+        others = [(b, gap) for b in placed] + [(m, gap) for j, m in enumerate(markers) if j != i]
+        beside = [(b, g) for b, g in others if b[0] < x0 + width + g and x0 - g < b[2]]
+        wanted = points[i][1] - height / 2
+        # Where it wants to be, and just above or below each box in its columns: the free
+        # place nearest to the wanted one is among these (just above all of them is free).
+        candidates = [wanted]
+        for b, g in beside:
+            candidates += [b[3] + g, b[1] - g - height]
+        if inside:
+            if x0 < frame.x0 or x0 + width > frame.x1:
+                return None
+            candidates = [c for c in candidates if frame.y0 <= c and c + height <= frame.y1]
+        for y0 in sorted(candidates, key=lambda c: abs(c - wanted)):
+            if not any(y0 < b[3] + g / 2 and b[1] - g / 2 < y0 + height for b, g in beside):
+                return y0
+        return None
+
+    where = [(0.0, 0.0, True)] * len(labels)
+    for i in np.argsort(-points[:, 1], kind="stable"):
+        (px, py), (width, height) = points[i], sizes[i]
+        sides = {True: px + gap, False: px - gap - width}  # right of the point, left of it
+        best = None
+        for inside in (True, False):
+            for right, x0 in sides.items():
+                y0 = nearest_free(i, x0, inside)
+                # The right side wins ties: labels read from their point.
+                cost = None if y0 is None else abs(y0 + height / 2 - py) + (0 if right else 1)
+                if cost is not None and (best is None or cost < best[0]):
+                    best = (cost, x0, y0, right)
+            if best is not None:
+                break
+        _, x0, y0, right = best
+        placed.append((x0, y0, x0 + width, y0 + height))
+        where[i] = (x0, y0, right)
+
+    annotations = []
+    to_points = 72 / figure.dpi
+    for i, text in enumerate(labels):
+        (px, py), (x0, y0, right) = points[i], where[i]
+        moved = abs(y0 + sizes[i][1] / 2 - py) > sizes[i][1]
+        line = dict(
+            arrowstyle="-",
+            color="grey",
+            lw=0.5,
+            shrinkA=0,
+            shrinkB=2,
+            relpos=(0 if right else 1, 0.5),
+        )
+        annotations.append(
+            ax.annotate(
+                text,
+                (x[i], y[i]),
+                xytext=((x0 - px) * to_points, (y0 - py) * to_points),
+                textcoords="offset points",
+                ha="left",
+                va="bottom",
+                fontsize=fontsize,
+                arrowprops=line if moved else None,
+            )
+        )
+    return annotations
+
+
+@doc_params(plot_output=doc_plot_output)
 def downstream_genes(
     adata: AnnData,
     gene: str,
@@ -214,8 +365,7 @@ def downstream_genes(
     gene_symbols
         Column of ``var`` to label (and find) genes with; ``"auto"`` uses ``gene_symbol`` if
         present.
-    ax, show, save
-        As in scanpy: draw into ``ax``; show the figure; save it to this path.
+    {plot_output}
 
     Returns
     -------
@@ -233,7 +383,7 @@ def downstream_genes(
             f"adata.varp has no {slot!r}; run sgf.tl.in_silico_delete with gene_shifts=True "
             f"and key_added={key!r} first."
         )
-    symbols = _default_symbols(adata) if gene_symbols == "auto" else gene_symbols
+    symbols = _symbols(adata, gene_symbols)
     if symbols is not None and symbols not in adata.var.columns:
         raise KeyError(f"gene_symbols={symbols!r} is not a column of adata.var.")
     labels = np.asarray(adata.var[symbols] if symbols is not None else adata.var_names, str)

@@ -9,6 +9,7 @@ from typing import Any
 
 from matplotlib.axes import Axes
 
+from .._docs import doc_params, doc_plot_output
 from ..model import Geneformer, GeneformerClassifier
 from ..model._hf_folder import METADATA_NAME
 from ..train._history import EVAL_SCORES, as_history
@@ -50,6 +51,7 @@ def _history(
     return as_history(data)
 
 
+@doc_params(plot_output=doc_plot_output)
 def loss_curve(
     source: Geneformer | GeneformerClassifier | dict[str, Any] | str | os.PathLike,
     *,
@@ -65,12 +67,7 @@ def loss_curve(
         A model trained by :func:`scgeneformer.tl.pretrain` (its ``training_args``), a
         classifier from :func:`scgeneformer.tl.finetune` (its per-epoch history, plotted with
         the validation macro-F1), a history dict, ``history.json``, or a run or model folder.
-    ax
-        Axes to draw on (a new figure by default).
-    show
-        Show the figure; by default when not saving and matplotlib is interactive.
-    save
-        File to save the figure to.
+    {plot_output}
 
     Returns
     -------

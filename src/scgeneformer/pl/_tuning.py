@@ -9,7 +9,7 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 
 from .._docs import doc_params, doc_plot_output
-from ._utils import finish, new_axes
+from ._utils import finish, new_axes, stored_result
 
 
 @doc_params(plot_output=doc_plot_output)
@@ -44,12 +44,12 @@ def tune_trials(
     >>> sgf.tl.tune_finetune(adata, model, label_key="state", n_trials=10)  # doctest: +SKIP
     >>> ax = sgf.pl.tune_trials(adata, "state", show=False)  # doctest: +SKIP
     """
-    result = adata.uns.get(f"{key}_tune")
-    if not isinstance(result, dict) or "trials" not in result:
-        raise ValueError(
-            f"adata.uns[{key + '_tune'!r}] is absent; run sgf.tl.tune_finetune(adata, model, "
-            f"label_key={key!r}) first."
-        )
+    result = stored_result(
+        adata,
+        f"{key}_tune",
+        ("trials",),
+        f"sgf.tl.tune_finetune(adata, model, label_key={key!r})",
+    )
     trials = result["trials"]
     number = np.asarray(trials["number"])
     value = np.asarray(trials["value"], dtype=float)
