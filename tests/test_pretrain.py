@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import anndata as ad
 import matplotlib
@@ -497,5 +498,10 @@ def test_pretrain_command_from_a_config_file(tmp_path, fmt, capsys):
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**config, "training": {"max_step": 3}}))
+    capsys.readouterr()
+    assert pretrain_main([str(bad)]) == 2  # a user's mistake: one line, no traceback
+    err = capsys.readouterr().err
+    assert re.match(r"error: Unknown key\(s\) \['max_step'\] in \[training\]", err)
+    assert len(err.strip().splitlines()) == 1
     with pytest.raises(ValueError, match=r"Unknown key\(s\) \['max_step'\] in \[training\]"):
-        pretrain_main([str(bad)])
+        pretrain_main([str(bad), "--debug"])
