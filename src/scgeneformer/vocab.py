@@ -17,8 +17,8 @@ import numpy as np
 from anndata import AnnData
 
 from ._atomic import write_text_atomic
+from ._geneformer_dicts import PathOrDict, check_token_ids, read_geneformer_dicts
 from ._genes import normalize_gene_id, resolve_gene_ids
-from ._safe_pickle import load_plain_dict
 
 PAD, MASK, CLS, EOS = "<pad>", "<mask>", "<cls>", "<eos>"
 V1_SPECIAL_TOKENS = {PAD: 0, MASK: 1}
@@ -26,42 +26,8 @@ V2_SPECIAL_TOKENS = {PAD: 0, MASK: 1, CLS: 2, EOS: 3}
 _FORMAT = "scgeneformer-vocabulary"
 _FORMAT_VERSION = 1
 
-PathOrDict = str | os.PathLike | Mapping[str, Any]
 DEFAULT_MAX_LENGTH = 2048
-# Token ids index the model's embedding table, one row per id up to the largest; Geneformer's
-# run to about 25,000. Far beyond that an id is a damaged or wrong file, not a vocabulary.
-MAX_TOKEN_ID = 2**24 - 1
-
 logger = logging.getLogger(__name__)
-
-
-def _check_token_ids(tokens: Mapping[str, Any]) -> None:
-    """Refuse token dictionaries whose values are text, or ids no embedding table could hold."""
-    for name, value in tokens.items():
-        if isinstance(value, str | bytes):
-            raise ValueError(
-                f"The token dictionary maps {name!r} to {value!r}, text rather than a token "
-                "id: is it a gene name or ID mapping (gene_name_id_dict_*.pkl, "
-                "ensembl_mapping_dict_*.pkl) passed as the token dictionary? Pass that as "
-                "mapping_dict, and token_dictionary_*.pkl as the token dictionary."
-            )
-        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-            raise ValueError(
-                f"The token dictionary maps {name!r} to {value!r} ({type(value).__name__}); "
-                "token ids must be integers."
-            )
-        if not 0 <= value <= MAX_TOKEN_ID:
-            raise ValueError(
-                f"The token dictionary maps {name!r} to {value}, outside 0..{MAX_TOKEN_ID:,}: "
-                "token ids index the model's embedding table (Geneformer's go to about "
-                "25,000), so this is not a usable token dictionary. Is the file damaged?"
-            )
-
-
-def _as_dict(source: PathOrDict, what: str) -> dict[str, Any]:
-    if isinstance(source, Mapping):
-        return dict(source)
-    return load_plain_dict(source, what=what)
 
 
 class Vocabulary:
@@ -125,8 +91,8 @@ class Vocabulary:
             )
         if (CLS in special) != (EOS in special):
             raise ValueError(f"special_tokens must hold both '{CLS}' and '{EOS}', or neither.")
-        _check_token_ids(gene_tokens)
-        _check_token_ids(special)
+        check_token_ids(gene_tokens)
+        check_token_ids(special)
         genes = sorted(gene_tokens, key=lambda g: int(gene_tokens[g]))
         tokens = np.array([int(gene_tokens[g]) for g in genes], dtype=np.int64)
         all_ids = np.concatenate([tokens, np.array(list(special.values()), dtype=np.int64)])
@@ -226,43 +192,16 @@ class Vocabulary:
         ...     subfolder="geneformer",
         ... )  # doctest: +SKIP
         """
-        if repo_id is not None:
-            from ._hub import HubOptions, hub_file
-
-            options = HubOptions(revision, cache_dir, local_files_only)
-
-            def fetch(source):
-                if isinstance(source, Mapping):
-                    return source
-                if isinstance(source, str | os.PathLike):
-                    return hub_file(repo_id, str(source), subfolder, options)
-                return [fetch(s) for s in source]
-
-            token_dict, median_dict = fetch(token_dict), fetch(median_dict)
-            mapping_dict = None if mapping_dict is None else fetch(mapping_dict)
-        tokens = _as_dict(token_dict, "token dictionary")
-        _check_token_ids(tokens)
-        special = {k: int(v) for k, v in tokens.items() if k.startswith("<") and k.endswith(">")}
-        genes = {k: int(v) for k, v in tokens.items() if k not in special}
-        non_int = [k for k, v in tokens.items() if not float(v).is_integer()]
-        if non_int:
-            raise ValueError(
-                f"The token dictionary maps {non_int[:3]} to non-integer ids: is it a median "
-                "dictionary passed in the wrong place?"
-            )
-        medians_all = _as_dict(median_dict, "median dictionary")
-        medians = {g: medians_all[g] for g in genes if g in medians_all}
-        mapping: dict[str, str] | None = None
-        if mapping_dict is not None:
-            sources = (
-                [mapping_dict]
-                if isinstance(mapping_dict, str | os.PathLike | Mapping)
-                else list(mapping_dict)
-            )
-            mapping = {}
-            for source in sources:
-                for key, value in _as_dict(source, "gene mapping dictionary").items():
-                    mapping.setdefault(normalize_gene_id(key), str(value))
+        genes, medians, special, mapping = read_geneformer_dicts(
+            token_dict,
+            median_dict,
+            mapping_dict,
+            repo_id=repo_id,
+            subfolder=subfolder,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
         is_v2 = CLS in special
         default_name = "geneformer-v2" if is_v2 else "geneformer-v1"
         vocab = cls(
