@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -273,6 +274,21 @@ def test_lazily_computed_sparse_chunks_are_read_one_block_at_a_time(small):
     assert [start for start, _ in chunks] == [0, 25, 50]
     stacked = np.vstack([chunk.toarray() for _, chunk in chunks])
     np.testing.assert_array_equal(stacked, adata.X.toarray())
+
+
+def test_a_dask_array_of_sparse_chunks_tokenizes_like_the_counts_in_memory(small):
+    import dask.array as da
+    import scipy.sparse as sp
+
+    adata, model = small
+    counts = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    lazy = ad.AnnData(
+        X=da.from_array(counts, chunks=(17, counts.shape[1])).map_blocks(sp.csr_matrix),
+        obs=adata.obs[[]].copy(),
+        var=adata.var[[]].copy(),
+    )
+    sgf.pp.rank_tokenize(lazy, model.vocab)
+    np.testing.assert_array_equal(lazy.obsm["geneformer_tokens"], adata.obsm["geneformer_tokens"])
 
 
 def test_a_token_id_far_beyond_any_embedding_table_is_refused():
