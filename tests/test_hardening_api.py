@@ -29,6 +29,22 @@ def small():
     return adata, model
 
 
+def quick_screen(adata, model, start: str, goal: str, **kwargs) -> None:
+    """Delete four genes from two start cells toward ``goal``: the smallest screen that runs."""
+    sgf.tl.in_silico_delete(
+        adata,
+        model,
+        state_key="state",
+        start_state=start,
+        goal_state=goal,
+        genes=list(model.vocab.genes[:4]),
+        max_cells=2,
+        min_cells=1,
+        n_null_genes=0,
+        **kwargs,
+    )
+
+
 # ---------------------------------------------------------------- item 6: train/eval race
 def test_threads_embedding_one_training_mode_model_see_no_dropout_and_leave_its_mode(small):
     adata, model = small
@@ -176,17 +192,7 @@ def test_start_equal_to_goal_is_said_to_be_a_null_screen(small):
     # Not refused: perturbation_stats(mode="vs_null") compares a screen with exactly this.
     adata, model = small
     with pytest.warns(UserWarning, match=r"both 'healthy'.*null screen"):
-        sgf.tl.in_silico_delete(
-            adata.copy(),
-            model,
-            state_key="state",
-            start_state="healthy",
-            goal_state="healthy",
-            genes=list(model.vocab.genes[:4]),
-            max_cells=2,
-            min_cells=1,
-            n_null_genes=0,
-        )
+        quick_screen(adata.copy(), model, "healthy", "healthy")
 
 
 # ---------------------------------------------------------------- item 10: default lengths fit
@@ -479,18 +485,7 @@ def test_alt_states_given_as_one_string_is_one_state(small):
     states[:10] = "treated"
     adata.obs["state"] = pd.Categorical(states)
     with pytest.warns(UserWarning, match="pretrained encoder"):
-        sgf.tl.in_silico_delete(
-            adata,
-            model,
-            state_key="state",
-            start_state="disease",
-            goal_state="healthy",
-            alt_states="treated",
-            genes=list(model.vocab.genes[:4]),
-            max_cells=2,
-            min_cells=1,
-            n_null_genes=0,
-        )
+        quick_screen(adata, model, "disease", "healthy", alt_states="treated")
     assert "in_silico_delete_shift_treated" in adata.var
     assert adata.uns["in_silico_delete"]["alt_states"] == ["treated"]
 
@@ -526,17 +521,7 @@ def test_missing_state_labels_are_no_state(small):
     states.iloc[:5] = np.nan
     adata.obs["state"] = states
     with pytest.warns(UserWarning, match="pretrained encoder"):
-        sgf.tl.in_silico_delete(
-            adata,
-            model,
-            state_key="state",
-            start_state="disease",
-            goal_state="healthy",
-            genes=list(model.vocab.genes[:4]),
-            max_cells=2,
-            min_cells=1,
-            n_null_genes=0,
-        )
+        quick_screen(adata, model, "disease", "healthy")
     start = adata.uns["in_silico_delete"]["n_start_cells_total"]
     assert start == int((states == "disease").sum())
 
