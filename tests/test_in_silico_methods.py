@@ -105,6 +105,26 @@ def test_two_stage_with_every_gene_exact_equals_exact(screen_data):
     assert two.var["in_silico_delete_estimate"].notna().sum() > 50
 
 
+def test_two_stage_runs_each_unperturbed_cell_once(screen_data, monkeypatch):
+    # The candidates' probe and the exact stage share the original cell's states.
+    adata, model = screen_data
+    model = copy.deepcopy(model)
+    originals = []
+    real = model.hidden_states
+
+    def counting(input_ids, *args, **kwargs):
+        if kwargs.get("key_gate") is None and input_ids.shape[0] == 1:
+            originals.append(input_ids.shape[1])
+        return real(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", counting)
+    sgf.tl.in_silico_delete(
+        adata.copy(), model, method="two_stage", n_exact=5, max_cells=4, min_cells=1, **KWARGS
+    )
+    lengths = adata.obs["geneformer_n_tokens"].to_numpy()
+    assert len(originals) == 4 and set(originals) <= set(lengths.tolist())
+
+
 def test_two_stage_deletes_candidates_and_a_background(screen_data):
     adata, model = screen_data
     adata = adata.copy()

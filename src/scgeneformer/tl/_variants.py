@@ -184,6 +184,7 @@ class _Screener:
         if screen.method != "exact":
             names += [f"estimate_{name}" for name in self.estimated]
         self.columns: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        self._cell: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(
@@ -261,15 +262,24 @@ class _Screener:
         self, row: torch.Tensor, positions: torch.Tensor, is_gene: torch.Tensor, index
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled exact deletions at ``index`` of ``positions`` and their estimated score."""
-        states = self.model.hidden_states(row[None, :], layer=self.layer_index, validate=False)
-        states = states.float()
+        states, original = self._original(row)
         deleted = positions[torch.as_tensor(index, device=self.device)]
         hook = None
         if self.shifts is not None:
             hook = partial(self.shifts.add, row, states[0], deleted, is_gene)
         pooled = self.embed(_deleted(row, deleted), hook)
-        original = _pool(states, self.lead, self.trail, self.pooling)
         return pooled, _score(pooled, original, self.targets.get(self.estimated[0]))
+
+    def _original(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the unperturbed cell's states at the layer read and its pooled embedding.
+
+        Computed once per cell: the probe of ``two_stage`` and the exact stage share them.
+        """
+        if self._cell is None or self._cell[0] is not row:
+            states = self.model.hidden_states(row[None, :], layer=self.layer_index, validate=False)
+            states = states.float()
+            self._cell = (row, states, _pool(states, self.lead, self.trail, self.pooling))
+        return self._cell[1], self._cell[2]
 
     def _variant_sets(
         self, row: torch.Tensor, positions: torch.Tensor, inserts: torch.Tensor, pending
@@ -305,9 +315,7 @@ class _Screener:
         variant_sets = self._variant_sets(row, positions, inserts, pending)
         if not variant_sets and not probe.done.any():
             return scores, None
-        states = self.model.hidden_states(row[None, :], layer=self.layer_index, validate=False)
-        states = states.float()
-        original = _pool(states, self.lead, self.trail, self.pooling)
+        states, original = self._original(row)
         on_states = None
         if self.shifts is not None:
             deleted = positions[pending.to(self.device)]
@@ -315,11 +323,8 @@ class _Screener:
         pooled = probe.merged(exact, [self.embed(v, on_states) for v in variant_sets])
         ran = exact.numpy()
         for name, target in self.targets.items():
-            shift = F.cosine_similarity(pooled, target[None, :]) - F.cosine_similarity(
-                original, target[None, :]
-            )
-            scores[name][ran] = shift.cpu().numpy()
-        scores["magnitude"][ran] = (1 - F.cosine_similarity(pooled, original)).cpu().numpy()
+            scores[name][ran] = _score(pooled, original, target).cpu().numpy()
+        scores["magnitude"][ran] = _score(pooled, original, None).cpu().numpy()
         return scores, original
 
     def _anchor_pairs(
