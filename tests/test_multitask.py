@@ -385,3 +385,19 @@ def test_bad_input_is_refused_with_a_clear_message(states, columns, kwargs, erro
     with pytest.raises(error, match=message):
         finetune(adata, tiny_model(states[1]), **kwargs)
     assert "geneformer_tokens" not in adata.obsm  # refused before any work
+
+
+def test_tuning_refuses_a_list_of_columns(states):
+    with pytest.raises(TypeError, match=r"tune_finetune searches on one label column"):
+        sgf.tl.tune_finetune(states[0], tiny_model(states[1]), label_key=TASKS)
+
+
+def test_screens_know_the_columns_a_multitask_classifier_was_trained_on(fitted, recwarn):
+    from scgeneformer.tl._model_arg import warn_if_not_finetuned_on
+
+    _, clf = fitted
+    warn_if_not_finetuned_on(clf, "partial", ["type_1", "type_2"])
+    warn_if_not_finetuned_on(clf, "condition", ["healthy", "disease"])  # classes of "state"
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match=r"fine-tuned on 'state' \(healthy, disease\); 'partial'"):
+        warn_if_not_finetuned_on(clf, "condition", ["ctrl", "stim"])
