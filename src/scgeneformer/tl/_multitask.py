@@ -30,18 +30,12 @@ from ._metrics import classification_scores
 from ._predict import write_task_predictions
 from ._splits import SPLITS, split_cells
 from ._task_labels import UNLABELLED, TaskLabels, TaskWeights, resolve_task_weights, task_labels
-from ._task_slots import TaskKeys, check_task_keys, task_keys
+from ._task_slots import TaskKeys, check_task_keys, task_columns, task_keys
 from ._tokens import cell_tokens
 
 logger = logging.getLogger(__name__)
 
 _CELLS_REASON = "labelled cells to have one in training and one in testing"
-
-
-def task_blocks(labels: TaskLabels, proba: np.ndarray) -> dict[str, np.ndarray]:
-    """Cut probabilities of the tasks side by side into each task's columns."""
-    edges = np.cumsum([len(labels.classes[c]) for c in labels.columns])[:-1]
-    return dict(zip(labels.columns, np.split(proba, edges, axis=1), strict=True))
 
 
 def multitask_inputs(
@@ -152,7 +146,7 @@ def train_tasks(
     def evaluate() -> tuple[float, float]:
         proba = predict_cells(clf, tokens, n_tokens, val, options, progress=False)
         scores = []
-        for column, block in task_blocks(labels, proba).items():
+        for column, block in task_columns(proba, labels.classes).items():
             truth = labels.codes[column][val]
             held = truth != UNLABELLED
             if held.any():
@@ -282,7 +276,7 @@ def finetune_multitask(
     )
     tasks = {
         column: score_task(adata, column, labels, block, part, baseline=baseline, options=options)
-        for column, block in task_blocks(labels, proba).items()
+        for column, block in task_columns(proba, labels.classes).items()
     }
     result: dict[str, Any] = {
         "task": "cell",

@@ -22,7 +22,7 @@ from ..model._multitask import MultitaskClassifier
 from ..train._finetune_loop import classifier_logits
 from ..train._optim import resolve_device_dtype
 from ._inference import inference_on
-from ._task_slots import check_task_keys, task_keys
+from ._task_slots import check_task_keys, task_columns, task_keys
 from ._tokens import cell_tokens
 
 DEFAULT_PREDICT_KEY = "geneformer_class"
@@ -120,11 +120,8 @@ def write_task_predictions(
     proba: np.ndarray,
 ) -> None:
     """Write each task's block of ``proba`` (tasks side by side) under its column's prefix."""
-    start = 0
-    for column, classes in tasks.items():
-        block = np.ascontiguousarray(proba[:, start : start + len(classes)])
-        write_cell_predictions(adata, prefixes[column], classes, block)
-        start += len(classes)
+    for column, block in task_columns(proba, tasks).items():
+        write_cell_predictions(adata, prefixes[column], tasks[column], block)
 
 
 def write_gene_predictions(

@@ -9,8 +9,10 @@ columns joined by ``"_"``: with one column, exactly the single-task slot names.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from .._slots import check_key_added
 
@@ -71,3 +73,17 @@ def check_task_keys(
             f"{tool} would write its predictions over obs[{clash[0]!r}], a column it reads "
             "(label_key or group_key); pass key_added= to prefix the result slots."
         )
+
+
+def task_columns(proba: np.ndarray, tasks: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
+    """Cut probabilities of the tasks side by side into each task's (contiguous) columns.
+
+    Examples
+    --------
+    >>> blocks = task_columns(np.zeros((4, 5)), {"type": ["B", "T", "NK"], "sick": ["n", "y"]})
+    >>> {column: block.shape for column, block in blocks.items()}
+    {'type': (4, 3), 'sick': (4, 2)}
+    """
+    edges = np.cumsum([len(classes) for classes in tasks.values()])[:-1]
+    blocks = np.split(proba, edges, axis=1)
+    return {c: np.ascontiguousarray(b) for c, b in zip(tasks, blocks, strict=True)}
