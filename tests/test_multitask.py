@@ -247,6 +247,12 @@ def test_each_column_lands_in_its_own_slots(fitted, states):
     assert counts.sum() == partial["n_cells"]["test"] < test.sum()
     assert result["task_weights"] == {"state": 0.5, "partial": 0.5}
     assert "baseline" in partial and set(result["groups"]) == {"train", "val", "test"}
+    # The column's slots are those the plots read for a single column.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = sgf.pl.confusion_matrix(adata, "partial", normalize=False, show=False)
+    assert sum(int(t.get_text()) for t in ax.texts) == partial["n_cells"]["test"]
 
 
 def test_size_weights_follow_the_labelled_training_cells(states):
