@@ -3,5 +3,12 @@
 from ._classifier import GeneformerClassifier
 from ._config import PRESETS, GeneformerConfig
 from ._geneformer import Geneformer
+from ._multitask import MultitaskClassifier
 
-__all__ = ["PRESETS", "Geneformer", "GeneformerClassifier", "GeneformerConfig"]
+__all__ = [
+    "PRESETS",
+    "Geneformer",
+    "GeneformerClassifier",
+    "GeneformerConfig",
+    "MultitaskClassifier",
+]
