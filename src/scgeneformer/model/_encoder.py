@@ -90,11 +90,22 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Embed token ids at the given positions (any leading shape)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        position_offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embed token ids at the given positions (any leading shape).
+
+        ``position_offset`` (broadcast to ``(*input_ids.shape, hidden)``) is added to the
+        position embeddings.
+        """
         # Same summation order as transformers, so fp32 results agree to the last bits.
         x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
         x = x + self.position_embeddings(positions)
+        if position_offset is not None:
+            x = x + position_offset
         return self.dropout(self.LayerNorm(x))
 
 
@@ -194,10 +205,15 @@ class Bert(nn.Module):
         self.encoder = Encoder(config)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend, n_layers: int
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attend: Attend,
+        n_layers: int,
+        position_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states after ``n_layers`` layers (0: the embeddings); later layers never run."""
-        x = self.embeddings(input_ids, positions)
+        x = self.embeddings(input_ids, positions, position_offset)
         for layer in self.encoder.layer[:n_layers]:
             x = layer(x, attend)
         return x

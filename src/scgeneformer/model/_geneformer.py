@@ -408,6 +408,7 @@ class Geneformer(nn.Module):
         layer: int = -1,
         validate: bool = True,
         key_gate: torch.Tensor | None = None,
+        position_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states of a padded batch at one layer; later layers never run.
 
@@ -428,6 +429,10 @@ class Geneformer(nn.Module):
             Log-gates ``(cells, length)`` added to every query's attention logits for each
             key (0: the token as it is; very negative: other tokens no longer see it). It may
             require grad: the first-order screen differentiates through it.
+        position_offset
+            Added to each token's position embedding, ``(cells, length, hidden_size)``: the
+            first-order screen moves tokens part of the way toward the next position down
+            (where a deletion before them puts them) and differentiates through it.
 
         Returns
         -------
@@ -441,7 +446,14 @@ class Geneformer(nn.Module):
         n_layers = self._n_layers(layer)
         ids, attend = self._padded_inputs(input_ids, attention_mask, validate, key_gate)
         positions = torch.arange(ids.shape[1], device=ids.device)
-        return self.bert(ids, positions, attend, n_layers)
+        if position_offset is not None:
+            if position_offset.shape != (*ids.shape, self.hidden_size):
+                raise ValueError(
+                    f"position_offset has shape {tuple(position_offset.shape)}, expected "
+                    f"{(*ids.shape, self.hidden_size)} (input_ids and the hidden size)."
+                )
+            position_offset = position_offset.to(self.dtype)
+        return self.bert(ids, positions, attend, n_layers, position_offset)
 
     def _packed_inputs(
         self,

@@ -18,10 +18,10 @@ from ._screen_run import screen
 
 _DELETION_PARAMETERS = """    n_exact
         Candidates per cell deleted exactly with ``method="two_stage"``, chosen in two
-        rounds (see Notes). Default 48: the smallest of 10, 16, 24, 32, 48, 64 whose
+        rounds (see Notes). Default 32: the smallest of 10, 16, 24, 32, 40, 48, 64 whose
         candidates held at least 95% of each cell's exact top 10 with fine-tuned classifiers
-        at 256 tokens per cell, on synthetic states and on Kang 2018 (0.96 each; 32 held
-        0.91); see ``bench/RESULTS.md``.
+        at 256 tokens per cell, on synthetic states and on Kang 2018 (0.96 and 0.98; 24 held
+        0.95 and 0.96); see ``bench/RESULTS.md``.
     n_background
         Random rank-matched genes per cell, besides the candidates, deleted exactly with
         ``method="two_stage"`` as the null of the statistics (default ``n_exact // 4``).
@@ -63,8 +63,10 @@ _SHARED_PARAMETERS = """
     method
         ``"exact"`` builds and embeds every variant (``L`` forwards of length ``L`` per
         cell). ``"first_order"`` (deletion only) estimates every gene's score from one
-        forward and one backward pass per cell, through a gate on each token as an attention
-        key and in the pooling (see Notes); no variant is built. ``"two_stage"`` (deletion
+        forward and one backward pass per cell (of the cell and, toward a state, three
+        copies of it with the positions moved), through a gate on each token as an attention
+        key and in the pooling plus the effect of moving the later genes one place (see
+        Notes); no variant is built. ``"two_stage"`` (deletion
         only) runs the first-order pass, then deletes exactly each cell's ``n_exact``
         candidates and ``n_background`` other genes at matching ranks. The candidates come
         in two rounds: the largest estimates (five eighths of ``n_exact``), then the largest
@@ -161,8 +163,12 @@ _SHARED_PARAMETERS = """
     added to every query's attention logits for key ``j`` in every layer, and ``g_j``
     weights the token in the mean pooling. Closing the gate is the deletion except for the
     shift of later positions; ``-d score / d g_j`` at the cell is its first-order estimate.
-    Without states the magnitude's gradient vanishes; its leading second-order term is
-    estimated from 16 random projections of the pooled embedding's derivative.
+    Toward a state, the shift is added: each token's share ``a_q`` of the score change when
+    every token moves one place down (integrated gradients over three steps of the path to
+    the moved cell), summed over the tokens after ``j`` and weighted by 0.5, the weight
+    the exact shifts asked for (``tl/_first_order.py`` has the measurements). Without states
+    the magnitude's gradient vanishes; its leading second-order term is estimated from 16
+    random projections of the pooled embedding's derivative (the gate alone, no shift term).
 
     Screen with a model fine-tuned on ``state_key`` (the classifier from
     :func:`~scgeneformer.tl.finetune`): a pretrained-only model need not embed the states

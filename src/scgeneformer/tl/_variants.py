@@ -27,6 +27,7 @@ from ._compiled import EncoderRunner
 from ._downstream import GeneShifts
 from ._first_order import (
     MAGNITUDE_PROJECTIONS,
+    POSITION_STEPS,
     ExactProbe,
     choose_candidates,
     gate_estimates,
@@ -35,11 +36,11 @@ from ._first_order import (
 from ._inference import inference_on
 
 METHODS = ("exact", "first_order", "two_stage")
-# The smallest n_exact of the bench's sweep (10, 16, 24, 32, 48, 64) whose two-round
+# The smallest n_exact of the bench's sweep (10, 16, 24, 32, 40, 48, 64) whose two-round
 # candidates held at least 95% of each cell's exact top 10 on both data sets at 256 tokens
-# (bench/bench_in_silico.py --methods, bench/RESULTS.md): 32 held 0.91 (synthetic_states)
-# and 0.91 (Kang 2018), 48 held 0.96 and 0.96.
-DEFAULT_N_EXACT = 48
+# (bench/bench_in_silico.py --methods --cells 48, bench/RESULTS.md): 24 held 0.948
+# (synthetic_states) and 0.963 (Kang 2018), 32 held 0.963 and 0.979.
+DEFAULT_N_EXACT = 32
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def run_screen(
     screener = _Screener(
         model, screen, layer_index=layer_index, pooling=pooling, plan=plan, budget=token_budget
     )
-    copies = 1 if screener.targets else MAGNITUDE_PROJECTIONS
+    copies = 1 + POSITION_STEPS if screener.targets else MAGNITUDE_PROJECTIONS
     # Consecutive cells share a gradient pass; the cell loop computes the next chunk's
     # estimates when it reaches a cell without them.
     chunks = iter(_gradient_chunks(cells, n_tokens, token_budget, copies))
