@@ -527,6 +527,34 @@ def test_classifier_chain_split_by_donor_saved_and_genes(tmp_path):
     proba = new_patients.obsm["state_proba"]
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
 
+    # Five splits by donor on a subset, then a short search (the notebook's calls).
+    subset = adata.obs.groupby("donor", observed=True).sample(20, random_state=0).index
+    cv = adata[subset].copy()
+    sgf.tl.finetune(
+        cv, model, label_key="state", group_key="donor", n_splits=5, epochs=1, token_budget=1024
+    )
+    scores = cv.uns["state_finetune"]
+    assert len(scores["splits"]["macro_f1"]) == 5
+    assert scores["macro_f1"] == pytest.approx(np.mean(scores["splits"]["macro_f1"]))
+    assert len(scores["baseline"]["splits"]["macro_f1"]) == 5
+    sgf.pl.finetune_splits(cv, "state", show=False)
+    search = adata[subset].copy()
+    sgf.tl.tune_finetune(
+        search,
+        model,
+        label_key="state",
+        group_key="donor",
+        n_trials=2,
+        search_space={"lr": (1e-4, 1e-2, "log"), "epochs": (1, 2), "freeze_layers": [0, 1]},
+        random_state=0,
+        token_budget=1024,
+    )
+    trials = search.uns["state_tune"]
+    assert len(trials["trials"]["number"]) == 2
+    assert set(trials["best_params"]) == {"lr", "epochs", "freeze_layers"}
+    sgf.pl.tune_trials(search, "state", show=False)
+    plt.close("all")
+
     modules = sgf.datasets.synthetic_states(
         n_cells=150,
         n_genes=200,
