@@ -70,6 +70,9 @@ class Geneformer(nn.Module):
         Preset name or None.
     training_args
         JSON-serialisable dict saved with the model (set by training code).
+    source_folder
+        The folder the model was loaded from (None for one built with :meth:`from_config`);
+        a LoRA adapter trained on it records it to find its base again.
     bert, cls
         The encoder and the MLM head (``cls`` is None without a head), named as in
         transformers.
@@ -103,6 +106,7 @@ class Geneformer(nn.Module):
         self.vocab = vocab
         self.preset = preset
         self.training_args: dict[str, Any] = {}
+        self.source_folder: Path | None = None
         self.bert = Bert(config)
         self.cls = MLMHead(config) if mlm_head else None
         init_weights(self, config.initializer_range, None)
@@ -239,6 +243,7 @@ class Geneformer(nn.Module):
             model.cls = None
         model.load_state_dict(state, strict=True, assign=True)
         model.training_args = dict(metadata.get("training_args") or {})
+        model.source_folder = folder.resolve()
         return model.float().eval(), raw, weights_path
 
     def save(self, folder: str | os.PathLike) -> Path:
