@@ -183,6 +183,13 @@ def test_merged_classifier_loads_in_transformers(base, vocab, tmp_path, task, he
     np.testing.assert_allclose(theirs.numpy(), ours.numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(again.numpy(), ours.numpy(), rtol=0, atol=1e-5)
 
+    if task == "cell":  # the tools embed with the adapted encoder
+        sgf.tl.embed(adata, clf, key_added="X_lora")
+        sgf.tl.embed(adata, merged, key_added="X_merged")
+        np.testing.assert_allclose(adata.obsm["X_lora"], adata.obsm["X_merged"], atol=1e-5)
+        with pytest.raises(ValueError, match=r"carries a LoRA classifier's adapters"):
+            clf.encoder.save(tmp_path / "encoder")
+
     # The adapter folder of a gene classifier round-trips too.
     loaded = GeneformerClassifier.from_pretrained(clf.save(tmp_path / "adapter"))
     with torch.no_grad():

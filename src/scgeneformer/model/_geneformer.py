@@ -17,6 +17,7 @@ from . import _hf_folder as ckpt
 from ._attention import PackedAttention, PaddedAttention, key_padding_bias, packed_positions
 from ._config import PRESETS, GeneformerConfig, preset
 from ._encoder import Bert, MLMHead, dropout_active, init_weights
+from ._lora import lora_layers
 
 TensorLike = torch.Tensor | np.ndarray
 
@@ -268,6 +269,12 @@ class Geneformer(nn.Module):
         --------
         >>> model.save("my_model")  # doctest: +SKIP
         """
+        if next(lora_layers(self), None) is not None:
+            raise ValueError(
+                "This encoder carries a LoRA classifier's adapters, and its folder would hold "
+                "them under names nothing loads. Save the classifier (clf.save(folder)), or "
+                "the merged encoder: clf.merge_adapter().encoder.save(folder)."
+            )
         architecture = "BertForMaskedLM" if self.has_mlm_head else "BertModel"
         metadata = {
             "preset": self.preset,
