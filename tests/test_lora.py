@@ -278,3 +278,34 @@ def test_finetuning_a_lora_classifier_starts_from_its_merged_weights(vocab, fitt
     again = finetune(adata.copy(), clf, label_key="state", **{**FIT, "epochs": 1})
     assert again.adapter is None and not list(lora_layers(again))
     assert all(p.requires_grad for p in again.parameters())
+
+
+def test_gene_task_trains_lora_classifiers(vocab, base):
+    adata = two_states(vocab, n_cells=48)
+    labels = {gene: "xy"[i % 2] for i, gene in enumerate(vocab.genes[2:22])}
+    clf = finetune(
+        adata,
+        base,
+        label_key="kind",
+        task="gene",
+        gene_labels=labels,
+        n_folds=2,
+        adapter="lora",
+        adapter_options=LoraOptions(r=2, target_modules="value"),
+        **{**FIT, "epochs": 1},
+    )
+    assert clf.task == "gene" and clf.adapter.options.target_modules == ("value",)
+    assert len(list(lora_layers(clf))) == base.num_layers
+    assert adata.var["kind_pred"].notna().sum() == len(labels)
+    assert adata.uns["kind_finetune"]["params"]["adapter"]["r"] == 2
+
+
+def test_base_is_only_for_lora_folders(base, tmp_path):
+    folder = lora_classifier(base).save(tmp_path / "full", merged=True)
+    with pytest.raises(ValueError, match=r"base= is for LoRA classifier folders"):
+        GeneformerClassifier.from_pretrained(folder, base=base.source_folder)
+    plain = GeneformerClassifier.from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"base= is for LoRA classifiers"):
+        plain.save(tmp_path / "again", base=base.source_folder)
+    with pytest.raises(ValueError, match=r"no adapter to merge"):
+        plain.merge_adapter()

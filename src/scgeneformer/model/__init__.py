@@ -3,5 +3,6 @@
 from ._classifier import GeneformerClassifier
 from ._config import PRESETS, GeneformerConfig
 from ._geneformer import Geneformer
+from ._lora import LoraOptions
 
-__all__ = ["PRESETS", "Geneformer", "GeneformerClassifier", "GeneformerConfig"]
+__all__ = ["PRESETS", "Geneformer", "GeneformerClassifier", "GeneformerConfig", "LoraOptions"]

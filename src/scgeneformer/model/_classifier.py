@@ -94,10 +94,10 @@ class GeneformerClassifier(nn.Module):
     training_args
         JSON-serialisable dict saved with the classifier.
     adapter
-        The :class:`~scgeneformer.model._lora.LoraAdapter` of a LoRA classifier
-        (``tl.finetune(..., adapter="lora")``), else None. A LoRA classifier trains only its
-        adapters and heads, saves only those (and its base's identity), and
-        :meth:`merge_adapter` turns it into a plain one.
+        For a LoRA classifier (``tl.finetune(..., adapter="lora")``), what it records of its
+        adapter: options and base identity (:class:`~scgeneformer.model._lora.LoraAdapter`);
+        else None. A LoRA classifier trains only its adapters and heads, saves only those
+        (and its base's identity), and :meth:`merge_adapter` turns it into a plain one.
 
     Examples
     --------
@@ -227,8 +227,12 @@ class GeneformerClassifier(nn.Module):
         --------
         >>> clf = GeneformerClassifier.from_pretrained("my_classifier")  # doctest: +SKIP
         """
-        if base is not None or is_adapter_folder(Path(folder)):
+        if is_adapter_folder(Path(folder)):
             return load_adapter_folder(cls, folder, vocab, base)
+        if base is not None:
+            raise ValueError(
+                f"base= is for LoRA classifier folders; {str(folder)!r} holds a full classifier."
+            )
         # Checks config, vocabulary and encoder; the heads are read from the same raw weights.
         encoder, raw, weights_path = Geneformer._load_folder(folder, vocab)
         folder = Path(folder)

@@ -258,7 +258,7 @@ def finetune(
         :meth:`~scgeneformer.GeneformerClassifier.save`), and ``clf.merge_adapter()`` makes it
         a plain one. A LoRA classifier passed as ``model`` restarts from its merged weights.
     adapter_options
-        LoRA settings, a mapping or a :class:`~scgeneformer.model._lora.LoraOptions`: ``r``
+        LoRA settings, a mapping or a :class:`~scgeneformer.model.LoraOptions`: ``r``
         (rank, 8), ``alpha`` (scale, 16; the update is ``alpha / r * B @ A``), ``dropout``
         (0.1), ``target_modules`` (default ``("query", "key", "value")``; also
         ``"attention_output"``, ``"intermediate"``, ``"output"``).
