@@ -309,3 +309,17 @@ def test_base_is_only_for_lora_folders(base, tmp_path):
         plain.save(tmp_path / "again", base=base.source_folder)
     with pytest.raises(ValueError, match=r"no adapter to merge"):
         plain.merge_adapter()
+
+
+def test_command_line_trains_and_saves_a_lora_classifier(vocab, base, tmp_path, capsys):
+    from scgeneformer.cli import main
+
+    two_states(vocab, n_cells=48).write_h5ad(tmp_path / "cells.h5ad")
+    args = ["finetune", str(tmp_path / "cells.h5ad"), str(tmp_path / "clf")]
+    args += ["--model", str(base.source_folder), "--label-key", "state", "--epochs", "1"]
+    args += ["--lr", "1e-2", "--no-baseline", "--adapter", "lora", "--lora-r", "2"]
+    assert main([*args, "--lora-targets", "query", "value"]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    clf = GeneformerClassifier.from_pretrained(tmp_path / "clf")
+    assert clf.adapter.options == LoraOptions(r=2, target_modules=("query", "value"))
+    assert clf.adapter.base_folder == base.source_folder

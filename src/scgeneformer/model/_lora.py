@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,8 +219,6 @@ def target_names(options: LoraOptions, num_layers: int, freeze_layers: int) -> l
 
 def lora_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Yield the peft LoRA layers inside ``module`` with their names (none without peft)."""
-    import sys
-
     peft = sys.modules.get("peft")  # not imported: no module can hold its layers
     if peft is None:
         return
@@ -336,6 +335,7 @@ def merge_lora(clf: GeneformerClassifier) -> GeneformerClassifier:
         parent_name, _, child = name.rpartition(".")
         setattr(merged.get_submodule(parent_name), child, layer.get_base_layer())
     merged.adapter = None
+    merged.encoder.source_folder = None  # its merged weights are in no folder
     merged.requires_grad_(True)
     return merged
 

@@ -67,14 +67,19 @@ def _quantized(bnb: Any, linear: nn.Linear, quantize: str) -> nn.Module:
         layer = bnb.nn.Linear4bit(
             n_in, n_out, bias=linear.bias is not None, compute_dtype=compute, quant_type="nf4"
         )
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        # The layer's own (empty) parameter carries the quantization settings; the new one
+        # takes them over, as transformers' replace_with_bnb_linear does.
+        settings = dict(layer.weight.__dict__)
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, **settings)
     else:
         # has_fp16_weights=False keeps only the int8 weights; 6.0 is LLM.int8()'s outlier
         # threshold, the value transformers' BitsAndBytesConfig uses.
         layer = bnb.nn.Linear8bitLt(
             n_in, n_out, bias=linear.bias is not None, has_fp16_weights=False, threshold=6.0
         )
-        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        settings = dict(layer.weight.__dict__)
+        settings.pop("SCB", None)  # the scales are computed when the weights are quantized
+        layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, **settings)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer
