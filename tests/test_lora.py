@@ -91,7 +91,7 @@ def fitted(vocab, base):
     return adata, clf
 
 
-def test_lora_trains_few_weights_and_learns(vocab, base, fitted):
+def test_lora_trains_few_weights_and_learns(vocab, base, fitted, tmp_path):
     adata, clf = fitted
     full = GeneformerClassifier.from_encoder(base, CLASSES)
     n_lora = sum(p.numel() for p in clf.parameters() if p.requires_grad)
@@ -112,6 +112,7 @@ def test_lora_trains_few_weights_and_learns(vocab, base, fitted):
     params = adata.uns["state_finetune"]["params"]
     assert params["adapter"] == {"type": "lora", **LoraOptions(r=2).as_dict()}
     assert "quantize" not in params
+    adata.write_h5ad(tmp_path / "fitted.h5ad")  # the recorded options store in h5ad
     assert "adapter=lora(r=2, alpha=16, query+key+value)" in repr(clf)
 
 

@@ -306,10 +306,11 @@ class GeneformerClassifier(nn.Module):
         label key, training history and arguments). The folder loads with
         :meth:`from_pretrained` and with transformers' class of the same name.
 
-        A LoRA classifier writes only its adapters and heads (``adapter_model.safetensors``,
-        a few MB) and its base model's identity (folder and weights hash, checked against
-        the base folder now); :meth:`from_pretrained` applies them to that base again. With
-        ``merged=True`` it writes the full folder above instead, adapters merged in.
+        A LoRA classifier writes only its adapters and heads (``adapter_model.safetensors``:
+        0.56 MB for V1-10M with the default options, against 41 MB) and its base model's
+        identity (folder and weights hash, checked against the base folder now);
+        :meth:`from_pretrained` applies them to that base again. With ``merged=True`` it
+        writes the full folder above instead, adapters merged in.
 
         Parameters
         ----------
