@@ -8,6 +8,7 @@ import sys
 import anndata as ad
 import numpy as np
 import pandas as pd
+import peft
 import pytest
 import scipy.sparse as sp
 import torch
@@ -191,10 +192,20 @@ def test_merged_classifier_loads_in_transformers(base, vocab, tmp_path, task, he
         with pytest.raises(ValueError, match=r"carries a LoRA classifier's adapters"):
             clf.encoder.save(tmp_path / "encoder")
 
-    # The adapter folder of a gene classifier round-trips too.
-    loaded = GeneformerClassifier.from_pretrained(clf.save(tmp_path / "adapter"))
+    # The adapter folder round-trips, and peft loads it onto transformers' classifier.
+    adapter = clf.save(tmp_path / "adapter")
+    loaded = GeneformerClassifier.from_pretrained(adapter)
+    hf_base = getattr(transformers, head).from_pretrained(
+        base.source_folder, num_labels=2, attn_implementation="eager"
+    )
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, mask), clf(ids, mask), rtol=0, atol=0)
+        with_peft = peft.PeftModel.from_pretrained(hf_base, adapter).eval()
+        theirs = with_peft(input_ids=ids, attention_mask=mask.long()).logits
+        ours = clf(ids, mask)
+    if task == "gene":
+        ours, theirs = ours[mask], theirs[mask]
+    np.testing.assert_allclose(theirs.numpy(), ours.numpy(), rtol=0, atol=1e-5)
 
 
 def test_changed_moved_or_unknown_base_is_refused(vocab, tmp_path):

@@ -288,6 +288,7 @@ def _write_folder_contents(
     vocab: Vocabulary,
     metadata: Mapping[str, Any],
     weights_name: str,
+    extra_json: Mapping[str, Mapping[str, Any]],
 ) -> None:
     from safetensors.torch import save_file
 
@@ -299,7 +300,8 @@ def _write_folder_contents(
         "weights_file": weights_name,
         "weights_sha256": file_sha256(weights),
     }
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for name, content in {CONFIG_NAME: config, **extra_json}.items():
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     vocab.save(folder / VOCAB_NAME)
     (folder / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
 
@@ -312,13 +314,15 @@ def write_checkpoint(
     metadata: Mapping[str, Any],
     *,
     weights_name: str = SAFETENSORS_NAME,
+    extra_json: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint folder so that a reader never uses a partial one.
 
     ``metadata`` holds what is particular to the model (and may name another ``format``); the
     format, the package version, the vocabulary's name and sha256 and the weights file's sha256
     are added here, and the whole must be JSON-serialisable.
-    The tensors are written from CPU copies, to ``weights_name``.
+    The tensors are written from CPU copies, to ``weights_name``; ``extra_json`` names more
+    JSON files to write beside the config (moved in before the metadata, as the rest).
 
     A new folder is written into a temporary folder beside it and appears by one rename. An
     existing folder (which may hold other files, such as training checkpoints) is written
@@ -340,19 +344,20 @@ def write_checkpoint(
     except TypeError as err:
         raise TypeError(f"training_args and history must be JSON-serialisable: {err}") from err
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    extra_json = dict(extra_json or {})
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{str(folder)!r} exists and is not a folder.")
     existing = folder.is_dir()
     # Not atomic_folder: a run's output_dir holds its checkpoints beside the model files.
     with staging_folder(folder / STAGING_NAME if existing else folder) as tmp:
-        _write_folder_contents(tmp, config, state, vocab, metadata, weights_name)
+        _write_folder_contents(tmp, config, state, vocab, metadata, weights_name, extra_json)
         fsync_tree(tmp)
         if not existing:
             tmp.rename(folder)
             fsync_path(folder.parent)
             return folder
-        for name in (weights_name, *MODEL_FILES[1:]):
+        for name in (weights_name, *extra_json, *MODEL_FILES[1:]):
             os.replace(tmp / name, folder / name)
         fsync_path(folder)
         return folder

@@ -1,12 +1,15 @@
 """LoRA classifier folders: the adapters and heads only, and the identity of the base.
 
 A folder holds ``config.json`` (the classifier's transformers config, as a full save writes
-it), ``adapter_model.safetensors`` (``bert.…lora_A.weight`` / ``lora_B.weight``,
-``bert.pooler.dense.*``, ``classifier.*``), ``vocab.json`` and ``scgeneformer.json`` (format
-``scgeneformer-lora-classifier``, the LoRA options, and the base: its folder, absolute and
-relative to this one, and :func:`~._lora.encoder_sha256` of its weights). There is no
-``model.safetensors``, so transformers refuses the folder instead of loading a model without
-its encoder; :meth:`GeneformerClassifier.merge_adapter` makes the folder transformers loads.
+it), ``adapter_model.safetensors`` and ``adapter_config.json`` in peft's layout
+(``base_model.model.bert.…lora_A.weight`` / ``lora_B.weight``, and the heads as
+``modules_to_save``: ``base_model.model.bert.pooler.dense.*``, ``…classifier.*``),
+``vocab.json`` and ``scgeneformer.json`` (format ``scgeneformer-lora-classifier``, the LoRA
+options, and the base: its folder, absolute and relative to this one, and
+:func:`~._lora.encoder_sha256` of its weights). So peft loads the folder too, onto
+transformers' classifier made from the base folder (``PeftModel.from_pretrained``). There is
+no ``model.safetensors``, so transformers alone refuses the folder instead of loading a model
+without its encoder; :meth:`GeneformerClassifier.merge_adapter` makes the folder it loads.
 
 Both saving and loading load the base and compare its hash with the recorded one: an adapter
 is never saved against a base that is not the one it was trained on, nor applied to another.
@@ -25,13 +28,23 @@ from ..train._history import as_history
 from ..vocab import Vocabulary
 from . import _hf_folder as ckpt
 from ._geneformer import Geneformer
-from ._lora import LoraOptions, adapter_parameters, add_lora, encoder_sha256, require_peft
+from ._lora import (
+    LoraOptions,
+    adapter_parameters,
+    add_lora,
+    encoder_sha256,
+    require_peft,
+    target_names,
+)
 
 if TYPE_CHECKING:
     from ._classifier import GeneformerClassifier
 
 ADAPTER_WEIGHTS = ckpt.ADAPTER_WEIGHTS_NAME
 ADAPTER_FORMAT = ckpt.ADAPTER_FORMAT
+PEFT_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # peft's names: the transformers model's, under this
+_PEFT_TASKS = {"cell": "SEQ_CLS", "gene": "TOKEN_CLS"}
 
 
 def is_adapter_folder(folder: Path) -> bool:
@@ -53,6 +66,25 @@ def _load_base(base: Path, vocab: Vocabulary | None, recorded: str, action: str)
             "classifier was fine-tuned from."
         )
     return encoder
+
+
+def _peft_config(clf: GeneformerClassifier, base: Path) -> dict[str, Any]:
+    """Return peft's ``adapter_config.json`` for ``clf`` on transformers' classifier."""
+    adapter = clf.adapter
+    assert adapter is not None
+    names = target_names(adapter.options, clf.encoder.num_layers, adapter.freeze_layers)
+    return {
+        "peft_type": "LORA",
+        "task_type": _PEFT_TASKS[clf.task],
+        "base_model_name_or_path": str(base),
+        "r": adapter.options.r,
+        "lora_alpha": adapter.options.alpha,
+        "lora_dropout": adapter.options.dropout,
+        "target_modules": ["bert.encoder." + name for name in names],
+        "modules_to_save": [prefix.rstrip(".") for prefix in clf._head_modules()],
+        "bias": "none",
+        "inference_mode": True,
+    }
 
 
 def save_adapter_folder(
@@ -80,6 +112,7 @@ def save_adapter_folder(
     state = dict(adapter_parameters(clf))
     for prefix, module in clf._head_modules().items():
         state.update({prefix + k: v for k, v in module.state_dict().items()})
+    state = {PEFT_PREFIX + k: v for k, v in state.items()}
     base_abs = base_folder.resolve()
     try:
         relative = os.path.relpath(base_abs, folder.resolve())
@@ -100,7 +133,13 @@ def save_adapter_folder(
         },
     }
     return ckpt.write_checkpoint(
-        folder, clf._hf_config(), state, clf.vocab, metadata, weights_name=ADAPTER_WEIGHTS
+        folder,
+        clf._hf_config(),
+        state,
+        clf.vocab,
+        metadata,
+        weights_name=ADAPTER_WEIGHTS,
+        extra_json={PEFT_CONFIG: _peft_config(clf, base_abs)},
     )
 
 
@@ -193,6 +232,7 @@ def load_adapter_folder(
     weights = folder / ADAPTER_WEIGHTS
     raw = ckpt.read_weights_file(weights)
     ckpt.check_finite(raw, str(weights))
+    raw = {k.removeprefix(PEFT_PREFIX): v for k, v in raw.items()}
     _load_adapter_weights(clf, raw, str(weights))
     clf._load_heads(raw, str(weights))
     clf.history = as_history(metadata.get("history") or {})
