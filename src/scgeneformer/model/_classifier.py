@@ -307,10 +307,12 @@ class GeneformerClassifier(nn.Module):
         :meth:`from_pretrained` and with transformers' class of the same name.
 
         A LoRA classifier writes only its adapters and heads (``adapter_model.safetensors``:
-        0.56 MB for V1-10M with the default options, against 41 MB) and its base model's
+        0.57 MB for V1-10M with the default options, against 41 MB) and its base model's
         identity (folder and weights hash, checked against the base folder now);
-        :meth:`from_pretrained` applies them to that base again. With ``merged=True`` it
-        writes the full folder above instead, adapters merged in.
+        :meth:`from_pretrained` applies them to that base again. The folder is in peft's
+        layout too (``adapter_config.json``): ``peft.PeftModel.from_pretrained(model,
+        folder)`` loads it onto ``BertForSequenceClassification.from_pretrained(base)``. With
+        ``merged=True`` it writes the full folder above instead, adapters merged in.
 
         Parameters
         ----------

@@ -254,7 +254,7 @@ def finetune(
         (embeddings included) and trains low-rank adapters (LoRA, Hu et al. 2021; ``pip
         install 'scgeneformer[lora]'`` for ``peft``) in its layers from ``freeze_layers`` on,
         with the heads: 1.4% of a V1-10M classifier's weights with the default options. Such a
-        classifier saves only its adapters and heads (0.56 MB against 41 MB for V1-10M; see
+        classifier saves only its adapters and heads (0.57 MB against 41 MB for V1-10M; see
         :meth:`~scgeneformer.GeneformerClassifier.save`), and ``clf.merge_adapter()`` makes it
         a plain one. A LoRA classifier passed as ``model`` restarts from its merged weights.
     adapter_options
