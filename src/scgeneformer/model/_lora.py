@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ._encoder import Dropout
+from ._quantize import quantize_linears
 
 if TYPE_CHECKING:
     from ._classifier import GeneformerClassifier
@@ -277,8 +278,6 @@ def add_lora(
     targets = target_names(options, encoder.num_layers, freeze_layers)
     base_sha256 = base_sha256 or encoder_sha256(encoder.bert)
     if quantize is not None:
-        from ._quantize import quantize_linears
-
         quantize_linears(stack, quantize, device or encoder.device)
     config = peft.LoraConfig(
         r=options.r,
