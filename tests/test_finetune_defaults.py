@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import scgeneformer as sgf
-from scgeneformer.train._lr_range import lr_range_test
+from scgeneformer.train._lr_range import chosen_rate, lr_range_test
 
 from .test_finetune import tiny_model
 
@@ -81,6 +81,27 @@ def test_the_range_test_restores_the_weights_and_stops_when_the_loss_diverges():
     assert len(curve["lr"]) < 80
     lowest = curve["lr"][int(np.argmin(curve["loss"]))]
     assert lr == pytest.approx(lowest / 10)
+
+
+def test_on_a_plateau_the_range_test_backs_off_from_where_the_loss_rises():
+    # A model whose loss does not move until the rate is large, then rises: the lowest
+    # point of the curve is noise at the smallest rates, which left small classifiers at
+    # chance; the rate must come from the edge where the loss starts to rise.
+    net = nn.Linear(2, 2)
+    rng = np.random.default_rng(0)
+    rates_seen = []
+
+    def step(optimizer, batch):
+        rate = optimizer.param_groups[0]["lr"]
+        rates_seen.append(rate)
+        return 0.693 * (1 + 1e-4 * rng.standard_normal()) + (0.5 if rate > 0.02 else 0.0)
+
+    lr, _ = lr_range_test(net, [0], step, lambda rate: torch.optim.SGD(net.parameters(), lr=rate))
+    edge = min(r for r in rates_seen if r > 0.02)
+    # The smoothed loss crosses 1% above the plateau within a step or two of the edge.
+    assert edge / 10 <= lr <= edge * 1.5 / 10
+    assert chosen_rate([1e-4, 1e-3, 1e-2], [0.9, 0.5, 2.0]) == pytest.approx(1e-4)
+    assert chosen_rate([1e-4, 1e-3, 1e-2], [0.69, 0.69, 0.69]) == pytest.approx(1e-3)
 
 
 def test_bad_learning_rates_are_refused(small):

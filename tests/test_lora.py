@@ -335,3 +335,23 @@ def test_command_line_trains_and_saves_a_lora_classifier(vocab, base, tmp_path, 
     clf = GeneformerClassifier.from_pretrained(tmp_path / "clf")
     assert clf.adapter.options == LoraOptions(r=2, target_modules=("query", "value"))
     assert clf.adapter.base_folder == base.source_folder
+
+
+def test_a_multitask_lora_classifier_saves_loads_and_merges(vocab, base, tmp_path):
+    adata = two_states(vocab)
+    adata.obs["other"] = np.where(np.arange(adata.n_obs) % 4 < 2, "x", "y")
+    clf = finetune(adata, base, label_key=["state", "other"], adapter="lora", **FIT)
+    assert isinstance(clf, sgf.model.MultitaskClassifier) and clf.adapter is not None
+    assert trainable_fraction(clf) < 0.5
+    clf.save(tmp_path / "clf")
+    loaded = GeneformerClassifier.from_pretrained(tmp_path / "clf")
+    assert isinstance(loaded, sgf.model.MultitaskClassifier) and loaded.adapter is not None
+    merged = loaded.merge_adapter()
+    assert isinstance(merged, sgf.model.MultitaskClassifier) and merged.adapter is None
+    runs = [adata.copy() for _ in range(3)]
+    for target, model in zip(runs, (clf, loaded, merged), strict=True):
+        predict(target, model)
+    for column in ("state", "other"):
+        first = runs[0].obsm[f"{column}_proba"]
+        np.testing.assert_array_equal(runs[1].obsm[f"{column}_proba"], first)
+        np.testing.assert_allclose(runs[2].obsm[f"{column}_proba"], first, atol=1e-5)

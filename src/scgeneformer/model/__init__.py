@@ -4,5 +4,13 @@ from ._classifier import GeneformerClassifier
 from ._config import PRESETS, GeneformerConfig
 from ._geneformer import Geneformer
 from ._lora import LoraOptions
+from ._multitask import MultitaskClassifier
 
-__all__ = ["PRESETS", "Geneformer", "GeneformerClassifier", "GeneformerConfig", "LoraOptions"]
+__all__ = [
+    "PRESETS",
+    "Geneformer",
+    "GeneformerClassifier",
+    "GeneformerConfig",
+    "LoraOptions",
+    "MultitaskClassifier",
+]

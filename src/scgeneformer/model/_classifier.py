@@ -264,6 +264,10 @@ class GeneformerClassifier(nn.Module):
         clf._load_heads(raw, str(weights_path))
         clf.history = as_history(metadata.get("history") or {})
         clf.training_args = dict(metadata.get("training_args") or {})
+        if config.get("tasks"):  # one head per label column, saved as one linear layer
+            from ._multitask import MultitaskClassifier
+
+            clf = MultitaskClassifier.from_flat(clf, config["tasks"])
         return clf.float().eval()
 
     def _head_modules(self) -> dict[str, nn.Module]:
@@ -353,6 +357,7 @@ class GeneformerClassifier(nn.Module):
             num_labels=self.n_classes,
             problem_type="single_label_classification",
             classifier_dropout=self.classifier_dropout,
+            **self._config_extras(),
         )
         return config
 
@@ -381,6 +386,10 @@ class GeneformerClassifier(nn.Module):
         >>> full.save("full_classifier")  # doctest: +SKIP
         """
         return merge_lora(self)
+
+    def _config_extras(self) -> dict[str, Any]:
+        """Further ``config.json`` entries of a subclass (a multitask one records its tasks)."""
+        return {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -452,6 +461,16 @@ class GeneformerClassifier(nn.Module):
         if self.pooler is None:
             return self.classifier(self.dropout(hidden))
         return self.classifier(self.dropout(self.pooler(first)))
+
+    def class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax of :meth:`forward`'s logits over the classes, in float32.
+
+        Examples
+        --------
+        >>> clf.class_probabilities(torch.zeros(1, 2))
+        tensor([[0.5000, 0.5000]])
+        """
+        return torch.softmax(logits.float(), dim=-1)
 
     def freeze_layers(self, n_layers: int) -> None:
         """Stop training the first ``n_layers`` transformer layers, as Geneformer does.

@@ -237,4 +237,8 @@ def load_adapter_folder(
     clf._load_heads(raw, str(weights))
     clf.history = as_history(metadata.get("history") or {})
     clf.training_args = dict(metadata.get("training_args") or {})
+    if config.get("tasks"):  # a multitask classifier's heads, saved as one linear layer
+        from ._multitask import MultitaskClassifier
+
+        clf = MultitaskClassifier.from_flat(clf, config["tasks"])
     return clf.float().eval()

@@ -7,7 +7,7 @@ labels in :mod:`._labels`, prediction in :mod:`._predict` and the loop in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +30,7 @@ from ._finetune_genes import finetune_genes
 from ._model_arg import encoder_of
 from ._predict import prediction_slots
 from ._splits import check_fraction
+from ._task_labels import check_label_columns, check_task_weights
 
 
 def _check_training_args(
@@ -123,7 +124,8 @@ def finetune(
     adata: AnnData,
     model: Geneformer | GeneformerClassifier,
     *,
-    label_key: str,
+    label_key: str | Sequence[str],
+    task_weights: Literal["size"] | Mapping[str, float] | None = None,
     task: Literal["cell", "gene"] = "cell",
     group_key: str | None = None,
     test_size: float = 0.2,
@@ -173,6 +175,18 @@ def finetune(
     are averaged over all the cells it occurs in. A final classifier trained on all labelled
     genes is returned.
 
+    **Several label columns** (``label_key=["cell_type", "disease"]``, cells only): one
+    encoder and pooler, one linear head per column (of the shape a single column's head
+    has); the loss is the ``task_weights``-weighted sum of each column's cross-entropy (class
+    weighted per column with ``class_weight="balanced"``) over the cells labelled in that
+    column: a missing label (NaN, None, a missing category) leaves the cell out of that
+    column's loss only, and cells labelled in no column are left out, with a warning. The
+    split is made once for all columns, stratified by the first column (its unlabelled cells
+    as one more class) or by ``group_key``; early stopping follows the mean over columns of
+    the validation macro-F1. With one column in the list the result equals the single-column
+    fine-tuning bit for bit. ``n_splits`` must be 1. Each column is scored on its labelled
+    test cells, beside its own baseline.
+
     Cells are tokenized with the model's vocabulary first when ``obsm["geneformer_tokens"]``
     is absent; tokens made with another vocabulary are refused. Cells without tokens are left
     out, with a warning. ``model`` itself is never changed.
@@ -185,8 +199,13 @@ def finetune(
         The pretrained :class:`~scgeneformer.Geneformer` to start from (or a classifier,
         whose encoder is the start).
     label_key
-        Cells: the ``obs`` column of labels. Genes: the name of the results (and the ``var``
+        Cells: the ``obs`` column of labels, or a list of columns (multitask: one encoder,
+        one head per column, see below). Genes: the name of the results (and the ``var``
         column of labels when ``gene_labels`` is None).
+    task_weights
+        Multitask only: the weight of each column's loss. None weighs them alike; ``"size"``
+        by the number of training cells labelled in each column; a mapping column -> weight
+        as given. Weights are rescaled to sum to 1.
     task
         ``"cell"`` or ``"gene"``.
     group_key
@@ -300,6 +319,19 @@ def finetune(
     for PCA + logistic regression on the same splits). The AUROC is of the second class with
     two classes, else one-vs-rest macro (NaN in a split lacking a class).
 
+    Cells with ``label_key`` a list: for each column, ``obs[f"{column}_pred"]`` and
+    ``obsm[f"{column}_proba"]`` (prefixed ``f"{key_added}_"`` when ``key_added`` is given;
+    every test cell is predicted, labelled in that column or not); with ``key = key_added``
+    or the columns joined by ``"_"``, ``obs[f"{key}_split"]`` and ``uns[f"{key}_finetune"]``:
+    ``tasks`` (per column the single-task summary: ``classes``, ``accuracy``, ``macro_f1``,
+    ``f1_per_class``, ``auroc``, ``confusion_matrix``, ``baseline`` and labelled ``n_cells``
+    per part), ``task_weights`` (as used, summing to 1), ``macro_f1`` and ``accuracy`` (means
+    over the columns), ``n_cells`` (with ``unlabelled``), ``groups``, ``history``,
+    ``label_key``, ``params``. The classifier returned is a
+    :class:`~scgeneformer.model._multitask.MultitaskClassifier`; it saves as one
+    ``BertForSequenceClassification`` folder (the heads side by side, ``"tasks"`` in its
+    config) and loads with :meth:`~scgeneformer.GeneformerClassifier.from_pretrained`.
+
     Genes:
 
     ``var[f"{key}_pred"]``, ``var[f"{key}_score"]``, ``var[f"{key}_fold"]``
@@ -347,6 +379,13 @@ def finetune(
     if lora is not None:
         target_names(lora, model.num_layers, freeze_layers)  # refuses adapting no layer
     check_token_budget(token_budget)
+    columns = (
+        None
+        if isinstance(label_key, str)
+        else check_label_columns(label_key, task=task, n_splits=n_splits)
+    )
+    if columns is None and task_weights is not None:
+        raise ValueError("task_weights weighs several label columns; label_key is one column.")
     key = key_added or label_key
     if key_added is not None or isinstance(key, str):  # a bad label_key gets its own error
         check_key_added(key, prediction_slots(key, f"{key}_finetune"), tool="tl.finetune")
@@ -364,6 +403,22 @@ def finetune(
         adapter=lora,
         quantize=quantize,
     )
+    if columns is not None:
+        from ._multitask import finetune_multitask
+
+        return finetune_multitask(
+            adata,
+            model,
+            columns=columns,
+            key_added=key_added,
+            task_weights=check_task_weights(task_weights, columns),
+            group_key=group_key,
+            test_size=test_size,
+            val_size=val_size,
+            patience=early_stopping_patience,
+            baseline=baseline,
+            options=options,
+        )
     if task == "cell" and n_splits > 1:
         from ._cross_validation import cross_validate_cells
 

@@ -28,6 +28,11 @@ def new_classifier(
     clf = GeneformerClassifier.from_encoder(
         model, classes, task=task, label_key=label_key, random_state=random_state
     )
+    return prepared_for_training(clf, options)
+
+
+def prepared_for_training(clf: GeneformerClassifier, options: FitOptions) -> GeneformerClassifier:
+    """``clf`` with its first ``options.freeze_layers`` layers frozen, or LoRA-adapted."""
     if options.adapter is None:
         clf.freeze_layers(options.freeze_layers)
         return clf

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-from ..model import Geneformer, GeneformerClassifier
+from ..model import Geneformer, GeneformerClassifier, MultitaskClassifier
 
 
 def encoder_of(model: Geneformer | GeneformerClassifier, what: str = "model") -> Geneformer:
@@ -37,18 +37,19 @@ def warn_if_not_finetuned_on(
 ) -> None:
     """Warn when a state screen runs on a model that was not fine-tuned on those states.
 
-    A classifier passes when it was trained on ``state_key`` or knows every state as a class.
+    A classifier passes when it was trained on ``state_key`` (one of its columns, for a
+    multitask one) or knows every state as a class of one of them.
     A plain encoder passes only when it has no masked-gene head (the encoder of a fine-tuned
     classifier, or a fine-tuned folder loaded as an encoder); with the head it is a
     pretrained model, which was never shown the states.
     """
     if isinstance(model, GeneformerClassifier):
-        if model.label_key == state_key or set(states) <= set(model.classes):
+        multitask = isinstance(model, MultitaskClassifier)
+        tasks = model.tasks if multitask else {model.label_key: model.classes}
+        if state_key in tasks or any(set(states) <= set(c) for c in tasks.values()):
             return
-        problem = (
-            f"the classifier was fine-tuned on {model.label_key or 'labels'!r} "
-            f"({', '.join(model.classes[:5])}), not on obs[{state_key!r}]"
-        )
+        trained = "; ".join(f"{k or 'labels'!r} ({', '.join(c[:5])})" for k, c in tasks.items())
+        problem = f"the classifier was fine-tuned on {trained}, not on obs[{state_key!r}]"
     elif model.has_mlm_head:
         problem = "the model is a pretrained encoder, never fine-tuned on these states"
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,11 @@ from .._settings import settings
 from .._slots import check_key_added, positions_of, table_to_var, var_tokens
 from ..data._batching import check_token_budget, restore_order, token_budget_batches
 from ..model._classifier import GeneformerClassifier
+from ..model._multitask import MultitaskClassifier
 from ..train._finetune_loop import classifier_logits
 from ..train._optim import resolve_device_dtype
 from ._inference import inference_on
+from ._task_slots import check_task_keys, task_columns, task_keys
 from ._tokens import cell_tokens
 
 DEFAULT_PREDICT_KEY = "geneformer_class"
@@ -58,7 +61,7 @@ def cell_proba(
     with inference_on(clf, plan), bar:
         for batch in batches:
             logits, _ = classifier_logits(clf, tokens, n_tokens, present[batch], packed)
-            results.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+            results.append(clf.class_probabilities(logits).cpu().numpy())
             bar.update(len(batch))
     proba[present] = restore_order(results, batches)
     return proba
@@ -108,6 +111,17 @@ def write_cell_predictions(adata: AnnData, key: str, classes: list[str], proba: 
     # A plain array, not a DataFrame: class names may hold "/", which h5 stores refuse as
     # column names; the names are in uns.
     adata.obsm[f"{key}_proba"] = proba
+
+
+def write_task_predictions(
+    adata: AnnData,
+    prefixes: Mapping[str, str],
+    tasks: Mapping[str, list[str]],
+    proba: np.ndarray,
+) -> None:
+    """Write each task's block of ``proba`` (tasks side by side) under its column's prefix."""
+    for column, block in task_columns(proba, tasks).items():
+        write_cell_predictions(adata, prefixes[column], tasks[column], block)
 
 
 def write_gene_predictions(
@@ -167,6 +181,11 @@ def predict(
     A gene classifier averages each gene's token probabilities over the cells and writes
     ``var[f"{key}_pred"]``, ``var[f"{key}_score"]`` (as in :func:`finetune`),
     ``var[f"{key}_n_cells"]`` and ``uns[f"{key}_predict"]``.
+    A multitask classifier (``finetune`` with ``label_key`` a list) writes, for each label
+    column, ``obs[f"{column}_pred"]`` and ``obsm[f"{column}_proba"]`` (each prefixed
+    ``f"{key_added}_"`` when ``key_added`` is given), and ``uns[f"{key}_predict"]`` with
+    ``tasks`` (each column's classes), ``key`` being ``key_added`` or the columns joined by
+    ``"_"``.
 
     Examples
     --------
@@ -176,8 +195,14 @@ def predict(
     """
     if not isinstance(clf, GeneformerClassifier):
         raise TypeError(f"clf must be a GeneformerClassifier, got {type(clf).__name__}.")
-    key = key_added or clf.label_key or DEFAULT_PREDICT_KEY
-    check_key_added(key, prediction_slots(key, f"{key}_predict"), tool="tl.predict")
+    tasks = clf.tasks if isinstance(clf, MultitaskClassifier) else None
+    if tasks is None:
+        key = key_added or clf.label_key or DEFAULT_PREDICT_KEY
+        check_key_added(key, prediction_slots(key, f"{key}_predict"), tool="tl.predict")
+    else:
+        keys = task_keys(list(tasks), key_added)
+        check_task_keys(keys, tool="tl.predict", uns_suffix="predict")
+        key = keys.shared
     check_token_budget(token_budget)
     device_, dtype_ = resolve_device_dtype(device, dtype)
     tokens, n_tokens = cell_tokens(adata, clf.encoder)
@@ -195,10 +220,15 @@ def predict(
         "n_cells_without_tokens": empty,
         "execution_plan": execution_plan(device_, dtype_, log=False).as_dict(),
     }
+    if tasks is not None:
+        info["tasks"] = tasks
     run = {"budget": token_budget, "device": device_, "dtype": dtype_}
     if clf.task == "cell":
         proba = cell_proba(clf, tokens, n_tokens, progress=settings.progress, **run)
-        write_cell_predictions(adata, key, clf.classes, proba)
+        if tasks is None:
+            write_cell_predictions(adata, key, clf.classes, proba)
+        else:
+            write_task_predictions(adata, keys.prefixes, tasks, proba)
     else:
         means, counts = gene_proba(clf, tokens, n_tokens, progress=settings.progress, **run)
         seen = np.flatnonzero(counts > 0)

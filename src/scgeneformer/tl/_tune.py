@@ -179,6 +179,11 @@ def tune_finetune(
     >>> adata.uns["state_tune"]["best_params"]  # doctest: +SKIP
     >>> sgf.pl.tune_trials(adata, "state")  # doctest: +SKIP
     """
+    if not isinstance(label_key, str):  # a list is multitask fine-tuning, which is not searched
+        raise TypeError(
+            f"tune_finetune searches on one label column, got label_key={label_key!r}; tune on "
+            "one column, or fine-tune several with sgf.tl.finetune(label_key=[...])."
+        )
     optuna = _require_optuna()
     space, fixed, rest = _tuning_arguments(
         model, search_space, n_trials, test_size, val_size, finetune_kwargs
