@@ -28,6 +28,7 @@ def _finetune(args: argparse.Namespace) -> int:
         baseline=not args.no_baseline,
         device=args.device,
         random_state=args.seed,
+        **_adapter_arguments(args),
     )
     folder = clf.save(args.output)
     scores = adata.uns[f"{args.label_key}_finetune"]
@@ -43,6 +44,18 @@ def _finetune(args: argparse.Namespace) -> int:
         + ("" if args.predictions is None else f", cells with predictions -> {args.predictions}")
     )
     return 0
+
+
+def _adapter_arguments(args: argparse.Namespace) -> dict:
+    """``adapter``, ``adapter_options`` and ``quantize`` of :func:`~scgeneformer.tl.finetune`."""
+    given = {
+        "r": args.lora_r,
+        "alpha": args.lora_alpha,
+        "dropout": args.lora_dropout,
+        "target_modules": args.lora_targets,
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+    return {"adapter": args.adapter, "adapter_options": options or None, "quantize": args.quantize}
 
 
 def add_finetune_command(subparsers: argparse._SubParsersAction) -> None:
@@ -90,4 +103,22 @@ def add_finetune_command(subparsers: argparse._SubParsersAction) -> None:
         "predictions of the test cells",
     )
     command.add_argument("--seed", type=int, default=0, help="seed of the split and training")
+    lora = command.add_argument_group(
+        "LoRA",
+        "train low-rank adapters on the frozen model instead of every weight (needs "
+        "peft); the output folder then holds only the adapters and heads, and names --model "
+        "as its base",
+    )
+    lora.add_argument("--adapter", choices=["lora"], help="train LoRA adapters")
+    lora.add_argument("--lora-r", type=int, help="rank of the adapters (default 8)")
+    lora.add_argument("--lora-alpha", type=float, help="scale alpha; updates are alpha/r*BA (16)")
+    lora.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (0.1)")
+    lora.add_argument(
+        "--lora-targets",
+        nargs="+",
+        help="layers adapted: query key value (default) attention_output intermediate output",
+    )
+    lora.add_argument(
+        "--quantize", choices=["4bit", "8bit"], help="hold the frozen model in 4 or 8 bits (CUDA)"
+    )
     command.set_defaults(run=_finetune)

@@ -3,6 +3,7 @@
 from ._classifier import GeneformerClassifier
 from ._config import PRESETS, GeneformerConfig
 from ._geneformer import Geneformer
+from ._lora import LoraOptions
 from ._multitask import MultitaskClassifier
 
 __all__ = [
@@ -10,5 +11,6 @@ __all__ = [
     "Geneformer",
     "GeneformerClassifier",
     "GeneformerConfig",
+    "LoraOptions",
     "MultitaskClassifier",
 ]

@@ -123,12 +123,18 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Attention output ``(..., hidden)`` before the output projection."""
-        # One fused matrix product instead of three: at hidden size 256 a single wide GEMM uses
-        # the GPU far better, and concatenating the small weight matrices costs next to nothing.
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(x, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
-        q, k, v = qkv.unbind(-3)
+        projections = (self.query, self.key, self.value)
+        if all(type(p) is nn.Linear for p in projections):
+            # One fused matrix product instead of three: at hidden size 256 a single wide GEMM
+            # uses the GPU far better, and concatenating the small weights costs next to nothing.
+            weight = torch.cat([p.weight for p in projections])
+            bias = torch.cat([p.bias for p in projections])
+            qkv = F.linear(x, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
+            q, k, v = qkv.unbind(-3)
+        else:
+            # LoRA adapters or quantized layers: their output is not their ``.weight``'s
+            # product (peft's ``.weight`` is the frozen base's), so each runs as a module.
+            q, k, v = (p(x).unflatten(-1, (self.num_heads, self.head_dim)) for p in projections)
         out = attend(q, k, v, self.dropout_p if dropout_active(self) else 0.0)
         return out.flatten(-2)
 

@@ -17,6 +17,7 @@ from . import _hf_folder as ckpt
 from ._attention import PackedAttention, PaddedAttention, key_padding_bias, packed_positions
 from ._config import PRESETS, GeneformerConfig, preset
 from ._encoder import Bert, MLMHead, dropout_active, init_weights
+from ._lora import lora_layers
 
 TensorLike = torch.Tensor | np.ndarray
 
@@ -70,6 +71,9 @@ class Geneformer(nn.Module):
         Preset name or None.
     training_args
         JSON-serialisable dict saved with the model (set by training code).
+    source_folder
+        The folder the model was loaded from (None for one built with :meth:`from_config`);
+        a LoRA adapter trained on it records it to find its base again.
     bert, cls
         The encoder and the MLM head (``cls`` is None without a head), named as in
         transformers.
@@ -103,6 +107,7 @@ class Geneformer(nn.Module):
         self.vocab = vocab
         self.preset = preset
         self.training_args: dict[str, Any] = {}
+        self.source_folder: Path | None = None
         self.bert = Bert(config)
         self.cls = MLMHead(config) if mlm_head else None
         init_weights(self, config.initializer_range, None)
@@ -239,6 +244,7 @@ class Geneformer(nn.Module):
             model.cls = None
         model.load_state_dict(state, strict=True, assign=True)
         model.training_args = dict(metadata.get("training_args") or {})
+        model.source_folder = folder.resolve()
         return model.float().eval(), raw, weights_path
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -263,6 +269,12 @@ class Geneformer(nn.Module):
         --------
         >>> model.save("my_model")  # doctest: +SKIP
         """
+        if next(lora_layers(self), None) is not None:
+            raise ValueError(
+                "This encoder carries a LoRA classifier's adapters, and its folder would hold "
+                "them under names nothing loads. Save the classifier (clf.save(folder)), or "
+                "the merged encoder: clf.merge_adapter().encoder.save(folder)."
+            )
         architecture = "BertForMaskedLM" if self.has_mlm_head else "BertModel"
         metadata = {
             "preset": self.preset,

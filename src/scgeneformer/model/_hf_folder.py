@@ -30,6 +30,9 @@ BIN_NAME = "pytorch_model.bin"
 VOCAB_NAME = "vocab.json"
 METADATA_NAME = "scgeneformer.json"
 METADATA_FORMAT = "scgeneformer-model"
+# LoRA classifiers (model/_lora_folder.py) hold only adapters and heads, under peft's file name.
+ADAPTER_FORMAT = "scgeneformer-lora-classifier"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # The files a save writes, in the order they replace an existing folder's: the metadata last,
 # so that its weights sha256 tells whether the weights beside it are the ones it describes.
 MODEL_FILES = (SAFETENSORS_NAME, CONFIG_NAME, VOCAB_NAME, METADATA_NAME)
@@ -151,6 +154,11 @@ def _load_checked(path: Path, loader: Callable[[Path], Any]) -> dict[str, torch.
     ):
         raise ValueError(f"Weights file {str(path)!r} does not hold a dict of tensors.")
     return dict(state)
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load one safetensors file, with the errors of :func:`read_weights`."""
+    return _load_checked(path, _load_safetensors)
 
 
 def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -279,18 +287,21 @@ def _write_folder_contents(
     state: Mapping[str, torch.Tensor],
     vocab: Vocabulary,
     metadata: Mapping[str, Any],
+    weights_name: str,
+    extra_json: Mapping[str, Mapping[str, Any]],
 ) -> None:
     from safetensors.torch import save_file
 
-    weights = folder / SAFETENSORS_NAME
+    weights = folder / weights_name
     save_file(dict(state), weights, metadata={"format": "pt"})
     honour_umask(weights)  # safetensors creates its files 0600
     metadata = {
         **metadata,
-        "weights_file": SAFETENSORS_NAME,
+        "weights_file": weights_name,
         "weights_sha256": file_sha256(weights),
     }
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for name, content in {CONFIG_NAME: config, **extra_json}.items():
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     vocab.save(folder / VOCAB_NAME)
     (folder / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
 
@@ -301,13 +312,17 @@ def write_checkpoint(
     state: Mapping[str, torch.Tensor],
     vocab: Vocabulary,
     metadata: Mapping[str, Any],
+    *,
+    weights_name: str = SAFETENSORS_NAME,
+    extra_json: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint folder so that a reader never uses a partial one.
 
     ``metadata`` holds what is particular to the model (and may name another ``format``); the
     format, the package version, the vocabulary's name and sha256 and the weights file's sha256
     are added here, and the whole must be JSON-serialisable.
-    The tensors are written from CPU copies.
+    The tensors are written from CPU copies, to ``weights_name``; ``extra_json`` names more
+    JSON files to write beside the config (moved in before the metadata, as the rest).
 
     A new folder is written into a temporary folder beside it and appears by one rename. An
     existing folder (which may hold other files, such as training checkpoints) is written
@@ -329,19 +344,20 @@ def write_checkpoint(
     except TypeError as err:
         raise TypeError(f"training_args and history must be JSON-serialisable: {err}") from err
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    extra_json = dict(extra_json or {})
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{str(folder)!r} exists and is not a folder.")
     existing = folder.is_dir()
     # Not atomic_folder: a run's output_dir holds its checkpoints beside the model files.
     with staging_folder(folder / STAGING_NAME if existing else folder) as tmp:
-        _write_folder_contents(tmp, config, state, vocab, metadata)
+        _write_folder_contents(tmp, config, state, vocab, metadata, weights_name, extra_json)
         fsync_tree(tmp)
         if not existing:
             tmp.rename(folder)
             fsync_path(folder.parent)
             return folder
-        for name in MODEL_FILES:
+        for name in (weights_name, *extra_json, *MODEL_FILES[1:]):
             os.replace(tmp / name, folder / name)
         fsync_path(folder)
         return folder
@@ -364,6 +380,12 @@ def read_folder(
     config = GeneformerConfig.from_hf_dict(read_json(folder / CONFIG_NAME, "Model config"))
     metadata_path = folder / METADATA_NAME
     metadata = read_json(metadata_path, "Metadata") if metadata_path.is_file() else {}
+    if metadata.get("format") == ADAPTER_FORMAT:
+        raise ValueError(
+            f"{str(folder)!r} holds a LoRA classifier (adapters and heads, without the "
+            "encoder they adapt): load it with sgf.GeneformerClassifier.from_pretrained, or "
+            "merge it (clf.merge_adapter()) into a full model."
+        )
     # Before the vocabulary checks: a folder mixed from two saves is named as that.
     verify_weights_file(folder, metadata)
     vocab = vocab if vocab is not None else find_vocabulary(folder, config.vocab_size)

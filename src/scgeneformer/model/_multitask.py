@@ -120,6 +120,7 @@ class MultitaskClassifier(GeneformerClassifier):
             )
         clf.pooler, clf.classifier = flat.pooler, flat.classifier
         clf.history, clf.training_args = flat.history, flat.training_args
+        clf.adapter = flat.adapter  # a LoRA classifier's adapters live in the shared encoder
         return clf.to(flat.device).train(flat.training)
 
     @classmethod

@@ -104,7 +104,7 @@ def train_cells(
         classes,
         task="cell",
         label_key=label_key,
-        freeze_layers=options.freeze_layers,
+        options=options,
         random_state=seed,
     )
     weights = class_weights(codes[train], len(classes), options.class_weight)

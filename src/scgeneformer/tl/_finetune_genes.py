@@ -162,7 +162,7 @@ class _GeneTask:
             self.classes,
             task="gene",
             label_key=self.label_key,
-            freeze_layers=options.freeze_layers,
+            options=options,
             random_state=seed,
         )
         history = fit_classifier(

@@ -25,6 +25,7 @@ from ..train._finetune_loop import FitOptions, LossFn, fit_classifier
 from ..train._history import Records, history_frames
 from ..train._optim import seed_everything
 from ._finetune_cells import cell_baseline, predict_cells
+from ._finetune_common import prepared_for_training
 from ._labels import cell_groups, check_class_sizes, class_weights
 from ._metrics import classification_scores
 from ._predict import write_task_predictions
@@ -141,7 +142,7 @@ def train_tasks(
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     clf = MultitaskClassifier.from_encoder(model, labels.classes, random_state=seed)
-    clf.freeze_layers(options.freeze_layers)
+    clf = prepared_for_training(clf, options)
 
     def evaluate() -> tuple[float, float]:
         proba = predict_cells(clf, tokens, n_tokens, val, options, progress=False)

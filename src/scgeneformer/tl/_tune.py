@@ -11,6 +11,7 @@ from anndata import AnnData
 
 from ..model import Geneformer
 from ..model._classifier import GeneformerClassifier
+from ..model._lora import lora_options
 from ._finetune import _check_training_args, finetune, fitting_options
 from ._finetune_cells import cell_inputs, train_cells
 from ._splits import split_cells
@@ -194,6 +195,9 @@ def tune_finetune(
         "device": rest.get("device"),
         "dtype": rest.get("dtype"),
         "random_state": random_state,
+        # Trials train as the final fit will: with the same adapter, if any.
+        "adapter": lora_options(rest.get("adapter"), rest.get("adapter_options")),
+        "quantize": rest.get("quantize"),
     }
     codes, classes, groups, tokens, n_tokens, usable = cell_inputs(
         adata, model, label_key, group_key

@@ -21,9 +21,10 @@ from .._progress import progress_bar
 from .._settings import settings
 from ..data._batching import cell_batch, token_budget_batches
 from ..model._classifier import GeneformerClassifier
+from ..model._lora import LoraOptions
 from ._history import Records, empty_history
 from ._lr_range import lr_range_test
-from ._optim import adamw, autocast, linear_warmup_decay, loss_scaler
+from ._optim import adamw, autocast, linear_warmup_decay, loss_scaler, trainable_state
 
 logger = logging.getLogger("scgeneformer")
 
@@ -58,10 +59,18 @@ class FitOptions:
     device: torch.device
     dtype: torch.dtype
     warmup_fraction: float = 0.1
+    adapter: LoraOptions | None = None  # None: every weight trains
+    quantize: str | None = None  # "4bit" / "8bit": the frozen base under the adapter
 
     def params(self, **extra: Any) -> dict[str, Any]:
         """Plain values, for ``uns`` and the saved classifier's training arguments."""
         params = asdict(self)
+        # Recorded only when used (h5ad stores no None), the adapter as plain lists.
+        del params["adapter"], params["quantize"]
+        if self.adapter is not None:
+            params["adapter"] = {"type": "lora", **self.adapter.as_dict()}
+        if self.quantize is not None:
+            params["quantize"] = self.quantize
         params["device"] = str(self.device)
         params["dtype"] = str(self.dtype).removeprefix("torch.")
         if params["train_budget"] is None:
@@ -252,7 +261,7 @@ def fit_classifier(
                     on_epoch(epoch, score)
                 if (score, -val_loss) > best:
                     best, stale = (score, -val_loss), 0
-                    best_state = {k: v.detach().clone() for k, v in clf.state_dict().items()}
+                    best_state = trainable_state(clf)
                 else:
                     stale += 1
             logger.info(message)
@@ -260,5 +269,5 @@ def fit_classifier(
                 logger.info(f"{desc}: no validation gain in {patience} epochs; stopping early.")
                 break
     if best_state is not None:
-        clf.load_state_dict(best_state)
+        clf.load_state_dict(best_state, strict=False)  # the frozen weights never changed
     return history

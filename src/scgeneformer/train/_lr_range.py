@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._optim import trainable_state
+
 logger = logging.getLogger(__name__)
 
 LOW, HIGH = 1e-6, 1e-1
@@ -82,7 +84,7 @@ def lr_range_test(
     >>> 1e-6 < lr < 1e-1
     True
     """
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    saved = trainable_state(model)  # frozen weights stay as they are
     rates = np.geomspace(low, high, n_steps)
     optimizer = make_optimizer(float(rates[0]))
     curve: dict[str, list[float]] = {"lr": [], "loss": []}
@@ -100,7 +102,7 @@ def lr_range_test(
         best = min(best, debiased)
         if debiased > _DIVERGED * best:
             break
-    model.load_state_dict(saved)
+    model.load_state_dict(saved, strict=False)
     if not curve["loss"]:
         return float(low), curve
     return max(chosen_rate(curve["lr"], curve["loss"]), float(low)), curve

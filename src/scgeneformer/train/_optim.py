@@ -69,6 +69,26 @@ def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copy the parameters that train, by name, to restore with ``strict=False``.
+
+    Frozen weights never change, so they need no copy: under a LoRA adapter that is all but
+    a few MB of the model (and a quantized base could not be restored from a plain copy).
+
+    Examples
+    --------
+    >>> net = nn.Linear(2, 1)
+    >>> _ = net.bias.requires_grad_(False)
+    >>> list(trainable_state(net))
+    ['weight']
+    """
+    return {
+        name: param.detach().clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
 def linear_warmup_decay(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
