@@ -77,16 +77,9 @@ def _gated_pool(
     lead: int,
     trail: int,
     pooling: str,
-    position_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pooled embeddings ``(rows, hidden)`` of a padded batch with the token gates applied."""
-    states = model.hidden_states(
-        ids,
-        layer=layer_index,
-        validate=False,
-        key_gate=log_gate,
-        position_offset=position_offset,
-    )
+    states = model.hidden_states(ids, layer=layer_index, validate=False, key_gate=log_gate)
     states = states.to(torch.promote_types(states.dtype, torch.float32))
     if pooling == "cls":
         return states[:, 0]
@@ -112,21 +105,19 @@ def _projections(original: torch.Tensor, k: int, seed: int) -> tuple[torch.Tenso
     return directions, 1.0 / k
 
 
-def _position_steps(lengths: torch.Tensor, steps: int, hidden: int, model: Geneformer):
-    """Offsets moving every token ``t`` of the way to the position below, ``t`` per step.
+def _position_steps(n: int, steps: int, model: Geneformer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets moving every token ``t`` of the way to the position below, one row per step.
 
-    Returns the offsets ``(cells * steps, length, hidden)`` and the one-place moves ``dP``
-    ``(length, hidden)`` (zero at position 0, which no deletion moves).
+    Returns the offsets ``(steps, n, hidden)`` and the one-place moves ``(n, hidden)`` (zero
+    at position 0, which no deletion moves).
     """
-    width = int(lengths.max())
-    weight = model.bert.embeddings.position_embeddings.weight.detach()[:width]
+    weight = model.bert.embeddings.position_embeddings.weight.detach()[:n]
     move = torch.zeros_like(weight)
     move[1:] = weight[:-1] - weight[1:]
     move = move.to(torch.promote_types(move.dtype, torch.float32))
     # Midpoints of ``steps`` equal parts of the path from t = 0 (as is) to t = 1 (moved).
     t = (torch.arange(steps, dtype=move.dtype, device=move.device) + 0.5) / steps
-    offsets = t.repeat(len(lengths))[:, None, None] * move[None]
-    return offsets, move
+    return t[:, None, None] * move[None], move
 
 
 def _later_sum(values: torch.Tensor) -> torch.Tensor:
@@ -153,7 +144,7 @@ def gate_estimates(
     The cells run as one padded batch (one forward, one backward per target): their scores
     are summed, and each cell's gradient depends on its own inputs only. Toward a state, the
     estimate is the gate term plus :data:`POSITION_WEIGHT` times the position term (module
-    notes), read from ``position_steps`` further copies of each cell.
+    notes), read from ``position_steps`` copies of each cell in one pass per cell.
 
     Parameters
     ----------
@@ -185,7 +176,7 @@ def gate_estimates(
     >>> est[0]["goal"].shape == row.shape  # doctest: +SKIP
     True
     """
-    copies = 1 + position_steps if targets else n_projections
+    copies = 1 if targets else n_projections
     device = rows[0].device
     lengths = torch.tensor([r.numel() for r in rows], device=device)
     ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
@@ -193,10 +184,15 @@ def gate_estimates(
         ids[i, : r.numel()] = r
     kwargs = dict(layer_index=layer_index, lead=lead, trail=trail, pooling=pooling)
     if targets:
-        terms = _state_terms(model, ids, lengths, targets, position_steps, **kwargs)
-        return [
-            {name: term[i, : r.numel()] for name, term in terms.items()} for i, r in enumerate(rows)
-        ]
+        gates = _gate_terms(model, ids, lengths, targets, **kwargs)
+        found = []
+        for i, r in enumerate(rows):
+            estimate = {name: gate[i, : r.numel()] for name, gate in gates.items()}
+            if position_steps:
+                moved = _position_terms(model, r, targets, position_steps, **kwargs)
+                estimate = {n: e + POSITION_WEIGHT * moved[n] for n, e in estimate.items()}
+            found.append(estimate)
+        return found
     ids, lengths = ids.repeat_interleave(copies, 0), lengths.repeat_interleave(copies)
     # The exact screen runs under inference mode; its tensors are copied out of it here.
     with torch.inference_mode(False), torch.enable_grad():
@@ -215,48 +211,62 @@ def gate_estimates(
     ]
 
 
-def _state_terms(
+def _gate_terms(
     model: Geneformer,
     ids: torch.Tensor,
     lengths: torch.Tensor,
     targets: dict[str, torch.Tensor],
-    steps: int,
     **kwargs,
 ) -> dict[str, torch.Tensor]:
-    """Per target, the estimates ``(cells, length)``: gate term + weighted position term.
-
-    Row 0 of each cell runs as it is (its gate gradient is the gate term); rows 1..steps
-    run with the later positions moved part of the way (their gradients with respect to
-    the offsets, times the move, integrate the shift's effect on each token).
-    """
-    n_cells, copies = len(ids), 1 + steps
+    """Per target, ``-d score / d log g`` of every token ``(cells, length)``, on the CPU."""
     # The exact screen runs under inference mode; its tensors are copied out of it here.
     with torch.inference_mode(False), torch.enable_grad():
-        ids = ids.repeat_interleave(copies, 0).clone()
-        lengths = lengths.repeat_interleave(copies).clone()
+        ids, lengths = ids.clone(), lengths.clone()
         targets = {name: target.clone() for name, target in targets.items()}
-        offset = torch.zeros(*ids.shape, model.hidden_size, device=ids.device)
-        move = None
-        if steps:
-            moved, move = _position_steps(lengths[::copies], steps, model.hidden_size, model)
-            moved = moved.unflatten(0, (n_cells, steps)).to(offset)
-            offset = offset.unflatten(0, (n_cells, copies))
-            offset[:, 1:] = moved
-            offset = offset.flatten(0, 1)
-        offset.requires_grad_(True)
         gate = torch.zeros(ids.shape, device=ids.device, requires_grad=True)
-        pooled = _gated_pool(model, ids, lengths, gate, position_offset=offset, **kwargs)
+        pooled = _gated_pool(model, ids, lengths, gate, **kwargs)
         terms, names = {}, list(targets)
         for i, name in enumerate(names):
             score = F.cosine_similarity(pooled, targets[name][None, :].to(pooled)).sum()
-            wanted = [gate, offset] if steps else [gate]
-            grads = torch.autograd.grad(score, wanted, retain_graph=i < len(names) - 1)
-            term = -grads[0].detach()[::copies]
-            if steps:
-                per_token = (grads[1].detach() * move.to(grads[1])).sum(-1)
-                along = per_token.unflatten(0, (n_cells, copies))[:, 1:].mean(1)
-                term = term + POSITION_WEIGHT * _later_sum(along)
-            terms[name] = term.cpu()
+            (grad,) = torch.autograd.grad(score, gate, retain_graph=i < len(names) - 1)
+            terms[name] = -grad.detach().cpu()
+    return terms
+
+
+def _position_terms(
+    model: Geneformer,
+    row: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    steps: int,
+    *,
+    layer_index: int,
+    lead: int,
+    trail: int,
+    pooling: str,
+) -> dict[str, torch.Tensor]:
+    """Per target, the position term of deleting each token of one cell ``(length,)``.
+
+    The cell runs as ``steps`` copies, each with every token moved part of the way down; the
+    gradient of the score with respect to the offsets, times the move, averaged over the
+    steps, is each token's share of moving all of them. Unpadded and ungated, the copies run
+    on the fast attention kernels, which the gate's logit bias rules out.
+    """
+    n = row.numel()
+    # The exact screen runs under inference mode; its tensors are copied out of it here.
+    with torch.inference_mode(False), torch.enable_grad():
+        ids = row[None].expand(steps, -1).clone()
+        targets = {name: target.clone() for name, target in targets.items()}
+        offset, move = _position_steps(n, steps, model)
+        offset.requires_grad_(True)
+        states = model.hidden_states(ids, layer=layer_index, validate=False, position_offset=offset)
+        states = states.to(torch.promote_types(states.dtype, torch.float32))
+        pooled = states[:, 0] if pooling == "cls" else states[:, lead : n - trail].mean(1)
+        terms, names = {}, list(targets)
+        for i, name in enumerate(names):
+            score = F.cosine_similarity(pooled, targets[name][None, :].to(pooled)).sum()
+            (grad,) = torch.autograd.grad(score, offset, retain_graph=i < len(names) - 1)
+            along = (grad.detach() * move.to(grad)).sum(-1).mean(0)
+            terms[name] = _later_sum(along[None])[0].cpu()
     return terms
 
 

@@ -27,7 +27,6 @@ from ._compiled import EncoderRunner
 from ._downstream import GeneShifts
 from ._first_order import (
     MAGNITUDE_PROJECTIONS,
-    POSITION_STEPS,
     ExactProbe,
     choose_candidates,
     gate_estimates,
@@ -137,7 +136,7 @@ def run_screen(
     screener = _Screener(
         model, screen, layer_index=layer_index, pooling=pooling, plan=plan, budget=token_budget
     )
-    copies = 1 + POSITION_STEPS if screener.targets else MAGNITUDE_PROJECTIONS
+    copies = 1 if screener.targets else MAGNITUDE_PROJECTIONS
     # Consecutive cells share a gradient pass; the cell loop computes the next chunk's
     # estimates when it reaches a cell without them.
     chunks = iter(_gradient_chunks(cells, n_tokens, token_budget, copies))
