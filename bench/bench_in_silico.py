@@ -54,6 +54,10 @@ from scgeneformer.tl._first_order import choose_candidates
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REF = SHARED / "geneformer_ref"
 V1_GENES = 25_424
+# The classifier of --methods on the CPU; --full-model keeps V1-10M's own shape.
+SMALL_CLASSIFIER = dict(
+    num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128
+)
 BATCH = 100
 
 
@@ -230,11 +234,8 @@ def compare_methods(args) -> None:
         "V1-10M",
         vocab,
         random_state=0,
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=2,
-        intermediate_size=128,
         max_position_embeddings=args.length,
+        **({} if args.full_model else SMALL_CLASSIFIER),
     )
     # Fine-tuning at 2,048 tokens is too slow for a shared CPU: the classifier may learn on
     # cells cut to --train-length, and the screen then runs on the full --length cells.
@@ -310,7 +311,7 @@ def compare_methods(args) -> None:
         else f"synthetic_states, {args.train_cells} cells"
     )
     print(
-        f"{data}, classifier (2 layers, hidden 64) "
+        f"{data}, classifier ({'V1-10M' if args.full_model else '2 layers, hidden 64'}) "
         f"{f'pretrained {args.pretrain_steps} steps, ' if args.pretrain_steps else ''}"
         f"fine-tuned {args.epochs} epochs on cells of "
         f"{train_length} tokens at most in {train_s:.0f} s, accuracy {accuracy:.3f}; "
@@ -367,6 +368,11 @@ def main() -> None:
     parser.add_argument("--train-cells", type=int, default=800, help="with --methods")
     parser.add_argument("--epochs", type=int, default=6, help="with --methods")
     parser.add_argument("--n-exact", type=int, default=None, help="with --methods")
+    parser.add_argument(
+        "--full-model",
+        action="store_true",
+        help="with --methods: a V1-10M-shaped classifier (6 layers, hidden 256), for a GPU",
+    )
     parser.add_argument(
         "--pretrain-steps",
         type=int,

@@ -4,7 +4,7 @@
 # From a session with a lent GPU (see bench/RESULTS.md, "GPU"):
 #   1. here, once: bash bench/fetch_gpu_wheels.sh    (anndata and its needs, into .whl/)
 #   2. run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=600)
-# About 5-8 minutes on one H100/H200. SMALL=1 shrinks every size for a dry run on a CPU, where
+# About 6-11 minutes on one H100/H200. SMALL=1 shrinks every size for a dry run on a CPU, where
 # WHEELS= skips the wheels: PY=.venv/bin/python SMALL=1 WHEELS= bash bench/gpu_run.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -24,10 +24,13 @@ if [ "${SMALL:-0}" = 1 ]; then
     CHECK=(--small)
     PRETRAIN=(--length 128 --token-budget 1024 --steps 4)
     SCREEN=(--length 64 --cells 2 --goal-cells 6)
+    METHODS=(--length 64 --cells 2 --train-cells 60 --epochs 1)
 else
     CHECK=()
     PRETRAIN=(--length 2048 --token-budget 65536 --steps 12)
     SCREEN=(--length 1400 --cells 8 --goal-cells 100)
+    # exact, first_order and two_stage side by side on cells of about 1,400 genes.
+    METHODS=(--length 1400 --train-length 512 --cells 8 --train-cells 800 --epochs 4 --full-model)
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no GPU"; } \
@@ -41,4 +44,6 @@ timeout 150 "$PY" bench/bench_pretrain.py --store-cells 0 "${PRETRAIN[@]}" 2>&1 
     | tee "$OUT/pretrain.log" || status=1
 timeout 120 "$PY" bench/bench_in_silico.py --source random "${SCREEN[@]}" 2>&1 \
     | tee "$OUT/in_silico.log" || status=1
+timeout 180 "$PY" bench/bench_in_silico.py --methods "${METHODS[@]}" 2>&1 \
+    | tee "$OUT/in_silico_methods.log" || status=1
 exit $status
