@@ -144,7 +144,7 @@ def gate_estimates(
     The cells run as one padded batch (one forward, one backward per target): their scores
     are summed, and each cell's gradient depends on its own inputs only. Toward a state, the
     estimate is the gate term plus :data:`POSITION_WEIGHT` times the position term (module
-    notes), read from ``position_steps`` copies of each cell in one pass per cell.
+    notes), read from ``position_steps`` copies of each cell in one pass per cell length.
 
     Parameters
     ----------
@@ -185,13 +185,18 @@ def gate_estimates(
     kwargs = dict(layer_index=layer_index, lead=lead, trail=trail, pooling=pooling)
     if targets:
         gates = _gate_terms(model, ids, lengths, targets, **kwargs)
-        found = []
-        for i, r in enumerate(rows):
-            estimate = {name: gate[i, : r.numel()] for name, gate in gates.items()}
-            if position_steps:
-                moved = _position_terms(model, r, targets, position_steps, **kwargs)
-                estimate = {n: e + POSITION_WEIGHT * moved[n] for n, e in estimate.items()}
-            found.append(estimate)
+        found = [
+            {name: gate[i, : r.numel()] for name, gate in gates.items()} for i, r in enumerate(rows)
+        ]
+        if position_steps:
+            # Cells of one length run together, unpadded (most cells fill the context).
+            for length in torch.unique(lengths).tolist():
+                alike = torch.nonzero(lengths == length).flatten().tolist()
+                same = torch.stack([rows[i] for i in alike])
+                moved = _position_terms(model, same, targets, position_steps, **kwargs)
+                for k, i in enumerate(alike):
+                    for name, term in moved.items():
+                        found[i][name] = found[i][name] + POSITION_WEIGHT * term[k]
         return found
     ids, lengths = ids.repeat_interleave(copies, 0), lengths.repeat_interleave(copies)
     # The exact screen runs under inference mode; its tensors are copied out of it here.
@@ -235,7 +240,7 @@ def _gate_terms(
 
 def _position_terms(
     model: Geneformer,
-    row: torch.Tensor,
+    cells: torch.Tensor,
     targets: dict[str, torch.Tensor],
     steps: int,
     *,
@@ -244,20 +249,21 @@ def _position_terms(
     trail: int,
     pooling: str,
 ) -> dict[str, torch.Tensor]:
-    """Per target, the position term of deleting each token of one cell ``(length,)``.
+    """Per target, the position term of deleting each token of cells of one length.
 
-    The cell runs as ``steps`` copies, each with every token moved part of the way down; the
-    gradient of the score with respect to the offsets, times the move, averaged over the
-    steps, is each token's share of moving all of them. Unpadded and ungated, the copies run
-    on the fast attention kernels, which the gate's logit bias rules out.
+    ``cells`` is ``(cells, length)``. Each cell runs as ``steps`` copies, each with every
+    token moved part of the way down; the gradient of the score with respect to the
+    offsets, times the move, averaged over the steps, is each token's share of moving all of
+    them. Unpadded and ungated, the copies run on the fast attention kernels, which the
+    gate's logit bias rules out. Returns ``(cells, length)`` per target, on the CPU.
     """
-    n = row.numel()
+    n_cells, n = cells.shape
     # The exact screen runs under inference mode; its tensors are copied out of it here.
     with torch.inference_mode(False), torch.enable_grad():
-        ids = row[None].expand(steps, -1).clone()
+        ids = cells.repeat_interleave(steps, 0).clone()
         targets = {name: target.clone() for name, target in targets.items()}
         offset, move = _position_steps(n, steps, model)
-        offset.requires_grad_(True)
+        offset = offset.repeat(n_cells, 1, 1).requires_grad_(True)
         states = model.hidden_states(ids, layer=layer_index, validate=False, position_offset=offset)
         states = states.to(torch.promote_types(states.dtype, torch.float32))
         pooled = states[:, 0] if pooling == "cls" else states[:, lead : n - trail].mean(1)
@@ -265,8 +271,8 @@ def _position_terms(
         for i, name in enumerate(names):
             score = F.cosine_similarity(pooled, targets[name][None, :].to(pooled)).sum()
             (grad,) = torch.autograd.grad(score, offset, retain_graph=i < len(names) - 1)
-            along = (grad.detach() * move.to(grad)).sum(-1).mean(0)
-            terms[name] = _later_sum(along[None])[0].cpu()
+            shares = (grad.detach() * move.to(grad)).sum(-1)
+            terms[name] = _later_sum(shares.unflatten(0, (n_cells, steps)).mean(1)).cpu()
     return terms
 
 
