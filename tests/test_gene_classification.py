@@ -173,3 +173,34 @@ def test_coexpression_baseline_finds_modules_and_not_shuffled_labels(modules):
     shuffled = np.random.default_rng(0).permutation(codes)
     chance = coexpression_baseline(adata.X, columns, shuffled, gene_folds(shuffled, 4, 0), 2)
     assert chance["auroc"] < 0.75
+
+
+def test_auto_learning_rate_of_the_gene_task_is_a_fixed_rate_without_a_range_test(
+    modules, monkeypatch
+):
+    # A token classifier fits the labelled genes by their own embeddings at any rate, so a
+    # range test would pick a high rate at which unseen genes are classed below chance.
+    from scgeneformer.tl._finetune_genes import GENE_TASK_LR
+    from scgeneformer.train import _finetune_loop
+
+    adata, vocab, labels = modules
+    adata = adata.copy()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the gene task ran a learning-rate range test")
+
+    monkeypatch.setattr(_finetune_loop, "lr_range_test", refuse)
+    finetune(
+        adata,
+        tiny_model(vocab),
+        label_key="module",
+        task="gene",
+        gene_labels=labels,
+        epochs=1,
+        token_budget=1024,
+        n_folds=2,
+    )
+    result = adata.uns["module_finetune"]
+    assert GENE_TASK_LR == 1e-3 and result["params"]["lr"] == GENE_TASK_LR
+    history = as_history(result["history"])
+    assert {record["peak_lr"] for record in history["train"]} == {GENE_TASK_LR}

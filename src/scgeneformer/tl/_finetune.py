@@ -228,7 +228,10 @@ def finetune(
         to 0.1, picks a tenth of the rate at the lowest smoothed training loss (recorded as
         ``peak_lr`` in the history's training records). Geneformer fine-tunes its large
         pretrained models at 5e-5, which leaves small or briefly pretrained models at chance
-        level; pass ``lr=5e-5`` to fine-tune as it does.
+        level; pass ``lr=5e-5`` to fine-tune as it does. For the gene task ``"auto"`` is
+        1e-3, without a range test: a token classifier fits the labelled genes by their own
+        embeddings at any rate, so the test's loss falls everywhere and it picks rates at which
+        unseen genes are classed worse than chance (``bench/RESULTS.md``).
     weight_decay
         AdamW weight decay on weight matrices.
     warmup_fraction
