@@ -68,7 +68,10 @@ def _through_compiled(bert: Bert) -> Iterator[None]:
         positions: torch.Tensor,
         attend: PaddedAttention | PackedAttention,
         n: int,
+        position_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if position_offset is not None:  # the first-order screen's moved positions: eager
+            return type(bert).forward(bert, ids, positions, attend, n, position_offset)
         if isinstance(attend, PaddedAttention):
             return padded(bert, ids, positions, attend.bias, n)
         return packed(
