@@ -7,6 +7,7 @@ import os
 import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
 
 from .._docs import doc_params, doc_plot_output
 from ._utils import finish, new_axes, stored_result
@@ -82,6 +83,7 @@ def tune_trials(
     )
     ax.set_title(f"best trial {best}: {result['best_value']:.3f}\n{settings}", fontsize=9)
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are numbered
     ax.set_ylabel(result.get("metric", "validation macro-F1"))
     ax.set_ylim(-0.03, 1.05)
     ax.legend(loc="lower right", fontsize=8, frameon=False)
