@@ -23,7 +23,7 @@ from ..train._optim import seed_everything
 from ._baseline import pca_logreg_baseline
 from ._finetune_common import new_classifier
 from ._labels import cell_groups, check_class_sizes, class_weights, encode_labels, obs_column
-from ._metrics import classification_scores
+from ._metrics import classification_scores, validation_scores
 from ._predict import cell_proba, write_cell_predictions
 from ._splits import SPLITS, split_cells
 from ._tokens import cell_tokens
@@ -115,13 +115,8 @@ def train_cells(
         return F.cross_entropy(logits, targets[torch.as_tensor(batch, device=device)], weight_t)
 
     def evaluate() -> tuple[float, float]:
-        from sklearn.metrics import f1_score
-
         proba = predict_cells(clf, tokens, n_tokens, val, options, progress=False)
-        truth = codes[val]
-        nll = -np.log(np.clip(proba[np.arange(len(val)), truth], 1e-12, None)).mean()
-        macro_f1 = f1_score(truth, proba.argmax(axis=1), average="macro", zero_division=0)
-        return float(nll), float(macro_f1)
+        return validation_scores(codes[val], proba)
 
     history = fit_classifier(
         clf,

@@ -49,8 +49,9 @@ from ..model import Geneformer
 # Projections for the magnitude estimate: relative noise about sqrt(2 / k) per gene, enough
 # to choose candidates for exact deletion, at the cost of k forwards of one cell.
 MAGNITUDE_PROJECTIONS = 16
-# Steps of the position term's path integral: one cell's gradient pass costs about three
-# of its deletions on the CPU, and these steps run as further copies of the cell in it.
+# Steps of the position term's path integral, each a moved copy of the cell in one ungated
+# gradient pass (three copies cost about seven of the cell's deletions on the CPU, the gated
+# pass three more; bench/RESULTS.md).
 # Offline (24 cells of 256 tokens, bench/RESULTS.md), recall of each cell's exact top 10
 # within the top 24 of the estimate: 1 step 0.78, 2 steps 0.91, 3 steps 0.95, 4 steps 0.96.
 POSITION_STEPS = 3

@@ -62,9 +62,9 @@ _SHARED_PARAMETERS = """
         symbols).
     method
         ``"exact"`` builds and embeds every variant (``L`` forwards of length ``L`` per
-        cell). ``"first_order"`` (deletion only) estimates every gene's score from one
-        forward and one backward pass per cell (of the cell and, toward a state, three
-        copies of it with the positions moved), through a gate on each token as an attention
+        cell). ``"first_order"`` (deletion only) estimates every gene's score from gradient
+        passes alone (one of the cell and, toward a state, one of three copies of it with the
+        positions moved), through a gate on each token as an attention
         key and in the pooling plus the effect of moving the later genes one place (see
         Notes); no variant is built. ``"two_stage"`` (deletion
         only) runs the first-order pass, then deletes exactly each cell's ``n_exact``

@@ -73,6 +73,21 @@ def classification_scores(truth: np.ndarray, proba: np.ndarray) -> dict[str, Any
     }
 
 
+def validation_scores(truth: np.ndarray, proba: np.ndarray) -> tuple[float, float]:
+    """Mean negative log-likelihood and macro-F1 of validation cells (early stopping's score).
+
+    Examples
+    --------
+    >>> validation_scores(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]))
+    (0.164252033486018, 1.0)
+    """
+    from sklearn.metrics import f1_score
+
+    nll = -np.log(np.clip(proba[np.arange(len(truth)), truth], 1e-12, None)).mean()
+    macro_f1 = f1_score(truth, proba.argmax(axis=1), average="macro", zero_division=0)
+    return float(nll), float(macro_f1)
+
+
 def summarise_splits(per_split: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per-split scores as lists, with their mean and sample standard deviation.
 

@@ -27,7 +27,7 @@ from ..train._optim import seed_everything
 from ._finetune_cells import cell_baseline, predict_cells
 from ._finetune_common import prepared_for_training
 from ._labels import cell_groups, check_class_sizes, class_weights
-from ._metrics import classification_scores
+from ._metrics import classification_scores, validation_scores
 from ._predict import write_task_predictions
 from ._splits import SPLITS, split_cells
 from ._task_labels import UNLABELLED, TaskLabels, TaskWeights, resolve_task_weights, task_labels
@@ -109,15 +109,6 @@ def task_loss(
         return total  # every training cell is labelled in some task
 
     return loss_fn
-
-
-def validation_scores(truth: np.ndarray, proba: np.ndarray) -> tuple[float, float]:
-    """Mean negative log-likelihood and macro-F1 of one task's validation cells."""
-    from sklearn.metrics import f1_score
-
-    nll = -np.log(np.clip(proba[np.arange(len(truth)), truth], 1e-12, None)).mean()
-    macro_f1 = f1_score(truth, proba.argmax(axis=1), average="macro", zero_division=0)
-    return float(nll), float(macro_f1)
 
 
 def train_tasks(
